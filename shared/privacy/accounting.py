@@ -11,9 +11,12 @@ clipping norm, each on a Poisson sample of the site's records with rate
 events, homogeneous or not, composes:
 
 * :attr:`Accountant.RDP` (default) adds the RDP curves of all events order by order
-  over :data:`RDP_ORDERS` (the orders of ``opacus.accountants.RDPAccountant``) and
-  converts once to (epsilon, delta) with Balle et al. 2020, Thm. 21. The numbers are
-  those of Opacus' ``RDPAccountant`` on the same history.
+  over :data:`RDP_ORDERS` and converts once to (epsilon, delta) with Balle et al.
+  2020, Thm. 21, using Opacus' own functions. ``RDP_ORDERS`` is Opacus'
+  ``RDPAccountant.DEFAULT_ALPHAS`` plus Google ``dp_accounting``'s large orders
+  (128 ... 1024); epsilon is a minimum over orders, so the result equals Opacus'
+  ``RDPAccountant`` on the same history whenever its best order is < 63 (the usual
+  case) and is tighter, matching ``dp_accounting``, when epsilon is very small.
 * :attr:`Accountant.PRV` is the numerical composition of privacy loss random
   variables of Gopi et al. 2021 as implemented in ``opacus.accountants.analysis.prv``:
   each event's PRV is discretised on one common domain, self-composed by FFT, and the
@@ -43,8 +46,10 @@ import numpy as np
 from opacus.accountants.analysis import prv as prv_analysis
 from opacus.accountants.analysis import rdp as rdp_analysis
 
-#: RDP orders, identical to ``opacus.accountants.RDPAccountant.DEFAULT_ALPHAS``.
-RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
+#: RDP orders: ``opacus.accountants.RDPAccountant.DEFAULT_ALPHAS`` + (128, 256, 512, 1024).
+RDP_ORDERS: tuple[float, ...] = tuple(
+    [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [128, 256, 512, 1024]
+)
 #: Absolute error allowed on epsilon by the PRV accountant (Opacus' default).
 PRV_EPS_ERROR = 0.01
 #: Largest noise multiplier :func:`calibrate_noise_multiplier` will try.

@@ -1,0 +1,1 @@
+"""Tests of the privacy accounting math and the site privacy ledger."""
