@@ -1,0 +1,288 @@
+"""The run configuration both apps agree on, parsed once into frozen dataclasses.
+
+A run config is Flower's flat ``UserConfig``: dotted keys such as
+``"federation.rounds"`` mapping to str/int/float/bool. The defaults live in
+``pyproject.toml`` under ``[tool.flwr.app.config]``; a scenario TOML file and
+``--set section.key=value`` override them key by key. Apps call
+:func:`RunConfig.from_flat` at their entry point and pass the object down.
+
+Privacy-relevant settings (``privacy``, ``secagg``) are kept apart from
+performance knobs, so changing a performance knob never changes a guarantee.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
+
+from shared.models import model_names
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+class Dataset(enum.StrEnum):
+    """Datasets that need no download."""
+
+    MNIST1D = "mnist1d"
+    DIGITS = "digits"
+    NPZ = "npz"
+    CSV = "csv"
+
+
+class Partitioner(enum.StrEnum):
+    """How a simulation splits one dataset over its virtual sites."""
+
+    IID = "iid"
+    DIRICHLET = "dirichlet"
+    SHARDS = "shards"
+
+
+class Optimizer(enum.StrEnum):
+    """Local optimizers."""
+
+    SGD = "sgd"
+    ADAM = "adam"
+
+
+def _enum_value(enum_cls: type[enum.StrEnum], key: str, value: object) -> enum.StrEnum:
+    try:
+        return enum_cls(value)
+    except ValueError:
+        options = ", ".join(m.value for m in enum_cls)
+        raise ConfigError(f"{key}: unknown value {value!r}; expected one of: {options}") from None
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Who takes part and for how long."""
+
+    clients: int = 10
+    rounds: int = 10
+    seed: int = 0
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train: int = 1
+
+    def validate(self) -> None:
+        _positive("federation.clients", self.clients)
+        _positive("federation.rounds", self.rounds)
+        _fraction("federation.fraction_train", self.fraction_train, allow_zero=False)
+        _fraction("federation.fraction_evaluate", self.fraction_evaluate, allow_zero=True)
+        _positive("federation.min_train", self.min_train)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data and how a simulation partitions it."""
+
+    dataset: Dataset = Dataset.MNIST1D
+    samples: int = 5000
+    partitioner: Partitioner = Partitioner.DIRICHLET
+    alpha: float = 1.0
+    shards_per_client: int = 2
+    path: str = ""
+    label_column: str = "label"
+    val_fraction: float = 0.1
+
+    def validate(self) -> None:
+        _positive("data.samples", self.samples)
+        if not self.alpha > 0:
+            raise ConfigError(f"data.alpha must be > 0, got {self.alpha}")
+        _positive("data.shards_per_client", self.shards_per_client)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.dataset in (Dataset.NPZ, Dataset.CSV) and not self.path:
+            raise ConfigError(f"data.path is required for data.dataset = {self.dataset.value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which registered model (see :mod:`shared.models`)."""
+
+    name: str = "cnn1d"
+
+    def validate(self) -> None:
+        if self.name not in model_names():
+            raise ConfigError(
+                f"model.name: unknown model {self.name!r}; expected one of: "
+                f"{', '.join(model_names())}"
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training at each site (performance and utility knobs)."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.003
+    optimizer: Optimizer = Optimizer.ADAM
+    momentum: float = 0.9
+    centralized_baseline: bool = False
+
+    def validate(self) -> None:
+        _positive("train.epochs", self.epochs)
+        _positive("train.batch_size", self.batch_size)
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"train.momentum must be in [0, 1), got {self.momentum}")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Example-level differential privacy at each site (privacy-relevant)."""
+
+    enabled: bool = False
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """Secure aggregation (privacy-relevant)."""
+
+    enabled: bool = False
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    """Faults a simulation injects so users can rehearse them."""
+
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        _fraction("faults.dropout", self.dropout, allow_zero=True, allow_one=False)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where the server writes metrics, plots and the final model (empty: no files)."""
+
+    dir: str = ""
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole run configuration, one frozen object per app."""
+
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any], *, strict: bool = True) -> RunConfig:
+        """Parse Flower's flat run config (``"section.key": value``).
+
+        Args:
+            flat: dotted keys to scalar values; missing keys keep their defaults.
+            strict: refuse keys this version does not know (a typo must not be
+                silently ignored).
+
+        Raises:
+            ConfigError: an unknown key, a value of the wrong type, or a value out
+                of range; the message names the key.
+        """
+        sections: dict[str, dict[str, Any]] = {f.name: {} for f in fields(cls)}
+        for key, value in flat.items():
+            section, _, name = key.partition(".")
+            if section not in sections or not name:
+                if strict:
+                    raise ConfigError(f"unknown config key {key!r}")
+                continue
+            sections[section][name] = value
+        parts = {}
+        for f in fields(cls):
+            section_cls = _section_class(f)
+            parts[f.name] = _build_section(f.name, section_cls, sections[f.name], strict)
+        config = cls(**parts)
+        for part in parts.values():
+            part.validate()
+        return config
+
+    def to_flat(self) -> dict[str, Any]:
+        """The inverse of :meth:`from_flat` (enums as their string values)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            for g in fields(getattr(self, f.name)):
+                value = getattr(getattr(self, f.name), g.name)
+                out[f"{f.name}.{g.name}"] = value.value if isinstance(value, enum.Enum) else value
+        return out
+
+
+_S = TypeVar("_S")
+
+
+def _section_class(f: dataclasses.Field[Any]) -> type:
+    return type(f.default_factory())  # type: ignore[misc]  # every section has a factory
+
+
+def _build_section(section: str, section_cls: type[_S], values: dict[str, Any], strict: bool) -> _S:
+    known = {f.name: f for f in fields(section_cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        key = f"{section}.{name}"
+        if name not in known:
+            if strict:
+                raise ConfigError(
+                    f"unknown config key {key!r}; {section} has: {', '.join(sorted(known))}"
+                )
+            continue
+        kwargs[name] = _coerce(key, known[name].default, value)
+    return section_cls(**kwargs)
+
+
+def _coerce(key: str, default: object, value: object) -> object:
+    """Check ``value`` against the type of the field's default and convert if lossless."""
+    if isinstance(default, enum.StrEnum):
+        return _enum_value(type(default), key, value)
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if isinstance(default, float):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {type(default).__name__}")  # pragma: no cover
+
+
+def _positive(key: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{key} must be >= 1, got {value}")
+
+
+def _fraction(key: str, value: float, *, allow_zero: bool, allow_one: bool = True) -> None:
+    lo_ok = value >= 0.0 if allow_zero else value > 0.0
+    hi_ok = value <= 1.0 if allow_one else value < 1.0
+    if not (lo_ok and hi_ok):
+        lo = "[0" if allow_zero else "(0"
+        hi = "1]" if allow_one else "1)"
+        raise ConfigError(f"{key} must be in {lo}, {hi}, got {value}")

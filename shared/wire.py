@@ -1,0 +1,55 @@
+"""The wire contract: record keys and model (de)serialisation both apps use.
+
+Flower messages carry a ``RecordDict``; privfed puts the model under
+:data:`ARRAYS`, the round's instructions under :data:`CONFIG` and a site's
+reply metrics under :data:`METRICS`. Strategies weight replies by the metric
+:data:`NUM_EXAMPLES`. Import these names; never retype the strings.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from flwr.app import ArrayRecord
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+NUM_EXAMPLES = "num-examples"
+SERVER_ROUND = "server-round"
+
+# Node-config keys a simulation sets for every virtual site.
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+
+
+def to_record(state_dict: dict[str, torch.Tensor]) -> ArrayRecord:
+    """A torch state dict as an ``ArrayRecord`` (CPU copies, exact bytes, key order kept)."""
+    return ArrayRecord(OrderedDict((k, v.detach().cpu()) for k, v in state_dict.items()))
+
+
+def from_record(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
+    """The inverse of :func:`to_record`: bit-identical tensors, same keys and dtypes."""
+    return record.to_torch_state_dict()
+
+
+def load_into(model: torch.nn.Module, record: ArrayRecord) -> None:
+    """Load global weights into ``model``; keys and shapes must match exactly.
+
+    Raises:
+        ValueError: the record does not fit the model (names the keys at fault).
+    """
+    state = from_record(record)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if missing or extra:
+        raise ValueError(f"model weights do not fit: missing {missing}, unexpected {extra}")
+    for key, value in state.items():
+        if value.shape != own[key].shape:
+            raise ValueError(
+                f"model weights do not fit: {key} has shape {tuple(value.shape)}, "
+                f"expected {tuple(own[key].shape)}"
+            )
+    model.load_state_dict(state)
