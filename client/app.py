@@ -1,0 +1,82 @@
+"""The privfed ClientApp: what runs at a data-holding site.
+
+``train`` loads the global weights, trains on the site's data with the run's
+optimizer, epochs and batch size, and replies with the new weights and metrics
+(``num-examples`` weights the server's average). ``evaluate`` reports loss and
+accuracy of the global model on the site's validation hold-out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.data import SiteData, site_data
+from shared.config import RunConfig
+from shared.models import get_model
+from shared.training import evaluate, make_loader, make_optimizer, train
+from shared.wire import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SERVER_ROUND, load_into, to_record
+
+app = ClientApp()
+
+
+class SimulatedDropout(RuntimeError):
+    """A simulated site left mid-round (``[faults] dropout``)."""
+
+
+def _round_of(msg: Message) -> int:
+    config = msg.content.config_records.get(CONFIG)
+    return int(config.get(SERVER_ROUND, 0)) if config is not None else 0  # type: ignore[arg-type]
+
+
+def _model_for(config: RunConfig, data: SiteData, msg: Message) -> torch.nn.Module:
+    model = get_model(config.model.name, data.spec)
+    load_into(model, msg.content.array_records[ARRAYS])
+    return model
+
+
+def _drops_out(config: RunConfig, server_round: int, site_id: int) -> bool:
+    """Whether this site drops out of this round: a seeded, reproducible draw."""
+    if config.faults.dropout <= 0:
+        return False
+    rng = np.random.default_rng([config.federation.seed, server_round, site_id, 0xD409])
+    return bool(rng.random() < config.faults.dropout)
+
+
+def _training_seed(seed: int, server_round: int, site_id: int) -> int:
+    """Seed of this site's shuffling and dropout masks in this round (reproducible)."""
+    return int(np.random.SeedSequence([seed, server_round, site_id]).generate_state(1)[0])
+
+
+@app.train()
+def train_handler(msg: Message, context: Context) -> Message:
+    """Train the global model locally and reply with the new weights."""
+    config = RunConfig.from_flat(context.run_config)
+    data = site_data(config, context.node_config)
+    server_round = _round_of(msg)
+    if _drops_out(config, server_round, data.site_id):
+        raise SimulatedDropout(f"site {data.site_id} dropped out of round {server_round}")
+    model = _model_for(config, data, msg)
+    seed = _training_seed(config.federation.seed, server_round, data.site_id)
+    torch.manual_seed(seed)
+    loader = make_loader(data.train, config.train.batch_size, seed=seed, shuffle=True)
+    loss = train(model, loader, make_optimizer(model, config.train), config.train.epochs)
+    metrics = MetricRecord({"train_loss": loss, NUM_EXAMPLES: len(data.train)})
+    content = RecordDict({ARRAYS: to_record(model.state_dict()), METRICS: metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on this site's validation hold-out."""
+    config = RunConfig.from_flat(context.run_config)
+    data = site_data(config, context.node_config)
+    model = _model_for(config, data, msg)
+    result = evaluate(model, data.val)
+    metrics = MetricRecord(
+        {"eval_loss": result.loss, "eval_accuracy": result.accuracy, NUM_EXAMPLES: len(data.val)}
+    )
+    return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)
+

@@ -1,0 +1,77 @@
+"""Where a site's data comes from.
+
+In simulation a virtual site is a partition of one pooled data set, chosen by
+``partition-id``/``num-partitions`` in its node config. A deployed site points
+its node config at its own file (``data-path``). Either way the site keeps a
+seeded validation hold-out for federated evaluation.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from shared.config import DataConfig, Dataset, RunConfig
+from shared.data import ArrayDataset, DataError, holdout, load, load_site_file
+from shared.models import InputSpec
+from shared.partition import partition
+from shared.wire import NUM_PARTITIONS, PARTITION_ID
+
+#: Node-config key of a deployed site's data file.
+DATA_PATH = "data-path"
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """A site's training and validation examples and the model input spec."""
+
+    train: ArrayDataset
+    val: ArrayDataset
+    spec: InputSpec
+    site_id: int
+
+
+def site_data(config: RunConfig, node_config: Mapping[str, object]) -> SiteData:
+    """This site's data, from its own file or its simulation partition.
+
+    Raises:
+        DataError: the node config names neither a data file nor a partition.
+    """
+    if DATA_PATH in node_config:
+        data = load_site_file(str(node_config[DATA_PATH]), config.data.label_column)
+        # A built-in data set fixes the model's input spec for every party; a site
+        # file's spec is read off the file.
+        builtin = config.data.dataset in (Dataset.MNIST1D, Dataset.DIGITS)
+        spec = load(config.data).spec if builtin else _file_spec(data)
+        train, val = holdout(data, config.data.val_fraction, seed=config.federation.seed)
+        return SiteData(train, val, spec, site_id=0)
+    if PARTITION_ID in node_config and NUM_PARTITIONS in node_config:
+        pid, n = int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS])  # type: ignore[call-overload]
+        return _partition(config.data, config.federation.seed, pid, n)
+    raise DataError(
+        f"node config has neither {DATA_PATH!r} (a site's data file) nor "
+        f"{PARTITION_ID!r}/{NUM_PARTITIONS!r} (a simulated site)"
+    )
+
+
+def _file_spec(data: ArrayDataset) -> InputSpec:
+    return InputSpec(tuple(data.x.shape[1:]), int(data.y.max()) + 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _partition(data_config: DataConfig, seed: int, pid: int, num_partitions: int) -> SiteData:
+    pooled = load(data_config)
+    parts = partition(
+        pooled.train.y,
+        num_partitions,
+        data_config.partitioner,
+        seed=seed,
+        alpha=data_config.alpha,
+        shards_per_site=data_config.shards_per_client,
+    )
+    if not 0 <= pid < num_partitions:
+        raise DataError(f"{PARTITION_ID} {pid} is outside 0..{num_partitions - 1}")
+    mine = pooled.train.subset(parts[pid])
+    train, val = holdout(mine, data_config.val_fraction, seed=seed + pid)
+    return SiteData(train, val, pooled.spec, site_id=pid)

@@ -1,0 +1,104 @@
+"""The server's round loop: a strategy's pure steps driven through a Flower ``Grid``.
+
+This mirrors ``flwr.serverapp.strategy.Strategy.start`` (configure, send and
+receive, aggregate; for training, then for evaluation; then a centralized
+evaluation) but hands each completed round to a callback as it ends, so metrics
+reach disk and the progress display while the run goes on, and it logs every
+failed reply with its reason. A round whose aggregation yields nothing leaves the
+global model unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from server.reporting import RoundReport
+from shared.training import EvalResult
+
+log = logging.getLogger("privfed.server")
+
+CentralEval = Callable[[ArrayRecord], EvalResult]
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How many rounds, and how long to wait for replies in each exchange."""
+
+    rounds: int
+    timeout: float = 3600.0
+
+
+def _split_failures(replies: Iterable[Message], stage: str, rnd: int) -> tuple[list[Message], list[str]]:
+    ok: list[Message] = []
+    reasons: list[str] = []
+    for msg in replies:
+        if msg.has_error():
+            reason = f"node {msg.metadata.src_node_id}: {msg.error.reason}"
+            log.warning("round %d %s: reply failed (%s)", rnd, stage, reason)
+            reasons.append(reason)
+        else:
+            ok.append(msg)
+    return ok, reasons
+
+
+def _metric(record: MetricRecord | None, key: str) -> float:
+    if record is None or key not in record:
+        return float("nan")
+    return float(record[key])  # type: ignore[arg-type]
+
+
+def run_rounds(
+    strategy: Strategy,
+    grid: Grid,
+    initial: ArrayRecord,
+    settings: LoopSettings,
+    central_eval: CentralEval,
+    on_round: Callable[[RoundReport, ArrayRecord], None],
+) -> ArrayRecord:
+    """Run ``settings.rounds`` rounds; return the final global model.
+
+    ``on_round(report, arrays)`` is called after every round with that round's
+    metrics and the global model after it.
+    """
+    arrays = initial
+    for rnd in range(1, settings.rounds + 1):
+        started = time.perf_counter()
+        messages = strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
+        replies, failures = _split_failures(
+            grid.send_and_receive(messages, timeout=settings.timeout), "train", rnd
+        )
+        new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+        if new_arrays is None:
+            log.warning("round %d: no update aggregated; the global model is unchanged", rnd)
+        else:
+            arrays = new_arrays
+
+        eval_messages = strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid)
+        eval_replies, eval_failures = _split_failures(
+            grid.send_and_receive(eval_messages, timeout=settings.timeout), "evaluate", rnd
+        )
+        fed_metrics = strategy.aggregate_evaluate(rnd, eval_replies)
+        central = central_eval(arrays)
+        report = RoundReport(
+            round=rnd,
+            accuracy=central.accuracy,
+            loss=central.loss,
+            train_loss=_metric(train_metrics, "train_loss"),
+            federated_accuracy=_metric(fed_metrics, "eval_accuracy"),
+            federated_loss=_metric(fed_metrics, "eval_loss"),
+            clients_trained=len(replies),
+            clients_failed=len(failures),
+            seconds=time.perf_counter() - started,
+            failures=failures + eval_failures,
+        )
+        log.info("round %d: accuracy %.4f loss %.4f (%d sites trained, %d failed)",
+                 rnd, report.accuracy, report.loss, report.clients_trained, report.clients_failed)
+        on_round(report, arrays)
+    return arrays

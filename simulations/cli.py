@@ -1,0 +1,101 @@
+"""The ``privfed`` command line.
+
+``privfed simulate [SCENARIO] [--set K=V ...] [--out DIR]`` runs a federation on
+this machine; ``privfed ledger show --site-dir DIR`` reads a site's privacy
+ledger. Bad input ends with one line naming the problem and a non-zero status;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from shared.config import ConfigError, RunConfig
+from shared.data import DataError, load
+from shared.models import UnknownModelError
+from simulations.scenario import DEFAULT_SCENARIO, ScenarioError, compose, read_scenario
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="privfed: private federated learning on Flower.")
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+#: Errors a user can fix; shown as one line.
+USER_ERRORS = (ScenarioError, ConfigError, DataError, UnknownModelError, FileNotFoundError)
+
+
+@app.callback()
+def _root() -> None:
+    """privfed: private federated learning on Flower."""
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err_console.print(f"privfed: error: {message}", markup=False, highlight=False)
+    return typer.Exit(code)
+
+
+@app.command()
+def simulate(
+    scenario: Annotated[Path, typer.Argument(help="scenario TOML file")] = DEFAULT_SCENARIO,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder")] = None,
+    debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
+    verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
+) -> None:
+    """Run a simulated federation and write metrics.jsonl, summary.json and metrics.png."""
+    from simulations.run import run_scenario
+
+    try:
+        flat = compose(read_scenario(scenario), set_ or [])
+        config = RunConfig.from_flat(flat)
+        load(config.data)  # a data problem is reported before any site starts
+        out_dir = out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
+        summary = run_scenario(flat, out_dir, console=console, verbose=verbose)
+    except USER_ERRORS as exc:
+        if debug:
+            raise
+        raise fail(str(exc)) from None
+    except Exception as exc:
+        if debug:
+            raise
+        raise fail(f"simulation failed: {type(exc).__name__}: {exc} (--debug shows the traceback)",
+                   code=1) from None
+    console.print_json(json.dumps(summary_view(summary)))
+
+
+def summary_view(summary: dict[str, object]) -> dict[str, object]:
+    """The headline figures of a summary (what the main job prints last)."""
+    keys = ("final_accuracy", "centralized_accuracy", "rounds_completed", "wall_seconds",
+            "out_dir")
+    return {k: summary[k] for k in keys if k in summary}
+
+
+def _mount_optional_commands() -> None:
+    try:
+        from client.ledger_cli import ledger_app
+    except ImportError:  # the ledger arrives with the DP issue
+        return
+    app.add_typer(ledger_app, name="ledger", help="A site's privacy ledger.")
+
+
+_mount_optional_commands()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("privfed: interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""``privfed simulate``: one scenario, end to end, with its output folder."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from server.reporting import METRICS_FILE, SUMMARY_FILE
+from shared.atomic import atomic_write_text
+from shared.config import ConfigError, RunConfig
+from simulations.baseline import train_centrally
+from simulations.progress import MetricsFollower
+from simulations.runner import output_path, run_on_ray
+
+
+def run_scenario(
+    flat: Mapping[str, Any], out: str | Path, *, console: Console, verbose: bool = False
+) -> dict[str, Any]:
+    """Simulate the federation ``flat`` describes; return the summary written to ``out``.
+
+    Raises:
+        ConfigError: ``out`` already holds a run.
+        RuntimeError: the simulation ended without a summary.
+    """
+    started = time.perf_counter()
+    out_dir = output_path(out)
+    if (out_dir / METRICS_FILE).exists():
+        raise ConfigError(f"output folder {out_dir} already holds a run; choose another --out")
+    flat = {**flat, "output.dir": str(out_dir)}
+    config = RunConfig.from_flat(flat)
+    console.print(f"privfed: simulating {config.federation.clients} sites x "
+                  f"{config.federation.rounds} rounds ({config.model.name} on "
+                  f"{config.data.dataset.value}); output in {out_dir}")
+    with MetricsFollower(out_dir / METRICS_FILE, config.federation.rounds, console):
+        run_on_ray(flat, config.federation.clients, verbose=verbose)
+    summary_path = out_dir / SUMMARY_FILE
+    if not summary_path.exists():
+        raise RuntimeError(f"the server wrote no {SUMMARY_FILE} in {out_dir}")
+    summary: dict[str, Any] = json.loads(summary_path.read_text())
+    if config.train.centralized_baseline:
+        central = train_centrally(config)
+        summary["centralized_accuracy"] = central.accuracy
+        summary["centralized_loss"] = central.loss
+        if summary.get("final_accuracy") is not None and central.accuracy > 0:
+            summary["federated_vs_centralized"] = summary["final_accuracy"] / central.accuracy
+    summary["server_seconds"] = summary.get("wall_seconds")
+    summary["wall_seconds"] = time.perf_counter() - started
+    summary["out_dir"] = str(out_dir)
+    atomic_write_text(summary_path, json.dumps(summary, indent=2))
+    return summary
