@@ -51,15 +51,17 @@ def _table(report: dict) -> Table:
             f"(delta {budget['delta']:g}, {report['accountant']})"
         ),
     )
-    columns = ("seq", "run", "round", "status", "noise", "rate", "steps", "eps after", "time")
+    columns = ("seq", "run", "round", "status", "noise", "rate", "steps", "eps after", "UTC")
     for name in columns:
-        left = name in ("run", "status", "time")
-        table.add_column(name, justify="left" if left else "right", no_wrap=name == "time")
+        left = name in ("run", "status", "UTC")
+        table.add_column(
+            name, justify="left" if left else "right", no_wrap=name in ("status", "time")
+        )
     for e in report["events"]:
         table.add_row(
             str(e["seq"]), str(e["run"]), str(e["round"]), e["status"],
             f"{e['noise_multiplier']:.4g}", f"{e['sample_rate']:.4g}", str(e["steps"]),
-            f"{e['epsilon_after']:.4f}", e["timestamp"][:19],
+            f"{e['epsilon_after']:.4f}", e["timestamp"][5:16].replace("T", " "),
         )  # fmt: skip
     return table
 
