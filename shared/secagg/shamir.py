@@ -33,7 +33,7 @@ RandBytes = Callable[[int], bytes]
 
 
 def _reduce_once(x: np.ndarray) -> np.ndarray:
-    return np.where(x >= _P, x - _P, x)
+    return x - np.where(x >= _P, _P, np.uint64(0))  # never underflows
 
 
 def mulmod(a: np.ndarray, b: np.ndarray) -> np.ndarray:
