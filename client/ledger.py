@@ -29,12 +29,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from shared.atomic import atomic_write_text
 from shared.privacy import Accountant, calibrate_noise_multiplier, epsilon, validate_event
 from shared.privacy.events import (
     MECHANISM,
@@ -373,7 +373,7 @@ class PrivacyLedger:
         return self._state
 
     def _write(self, state: LedgerState) -> None:
-        _atomic_write(self.path, dump_ledger(state))
+        atomic_write_text(self.path, dump_ledger(state), mode=0o600)
         self._state = state
 
     @contextlib.contextmanager
@@ -403,23 +403,3 @@ def _planned_of(event: LedgerEvent) -> PlannedRound:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so a crash leaves either the old or the new file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
