@@ -46,6 +46,9 @@ class LedgerState:
     policy_history: tuple[PolicyRecord, ...]
     events: tuple[LedgerEvent, ...]
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "accountant", Accountant.parse(self.accountant))
+
 
 def _body(state: LedgerState) -> dict:
     policies = [
