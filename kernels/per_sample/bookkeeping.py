@@ -1,0 +1,250 @@
+"""Book-keeping DP clipping: one forward, one backward, clipped sums in ``p.grad``.
+
+:class:`BookKeepingClipper` attaches removable hooks to a plain ``nn.Module``:
+
+* forward: every supported layer runs with *detached aliases* of its trainable
+  parameters, so autograd never computes (or writes) the non-private parameter
+  gradient; the layer input is kept and the output gets a gradient tap;
+* backward: each tap turns ``(input, grad_output)`` into squared per-sample norms
+  (see :mod:`kernels.per_sample.layers`), and a callback queued on the autograd engine
+  runs once the whole backward pass is done: it forms Opacus' clip factors
+  ``c_i = min(1, C / (||grad_i|| + 1e-6))`` over *all* parameters and writes
+  ``p.grad += sum_i c_i * grad_i`` for every trainable parameter of the model.
+
+Guarantees, for a loss that is a sum (``"sum"``) or mean (``"mean"``) over the batch of
+per-sample losses: every sample contributes at most ``max_grad_norm`` (L2, over all
+parameters) to the summed ``p.grad`` of one backward pass, exactly the clipped sum of
+Opacus' ``DPOptimizer`` (to float rounding). A zero gradient has factor 1; an empty
+batch writes zeros. Parameters of layers that did not run, or got no gradient, get zeros,
+so every trainable parameter has a ``.grad`` after backward. A model containing a layer
+type with trainable parameters outside :data:`~kernels.per_sample.layers.RULES` is
+refused at attach time (:class:`UnsupportedLayerError`), as is a layer run twice in one
+forward (shared parameters): both would otherwise be silently wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from .clip import clip_factors
+from .layers import RULES, UnsupportedLayerError, supported_layer_names
+
+
+class LossReduction(StrEnum):
+    """How the training loss combines per-sample losses."""
+
+    MEAN = "mean"
+    SUM = "sum"
+
+
+class PerSampleUsageError(ValueError):
+    """The model was driven in a way the engine cannot clip exactly (e.g. a layer ran twice)."""
+
+
+@dataclass
+class _Layer:
+    name: str
+    module: nn.Module
+    rule: type
+    names: tuple[str, ...]
+    saved: dict[str, nn.Parameter] = field(default_factory=dict)
+
+
+@dataclass
+class _Entry:
+    layer: _Layer
+    x: torch.Tensor | None
+    out: torch.Tensor | None = None
+    out_version: int = -1
+    sq: torch.Tensor | None = None
+    state: Any = None
+
+
+@dataclass
+class _Record:
+    entries: dict[str, _Entry] = field(default_factory=dict)
+    batch_size: int | None = None
+    queued: bool = False
+    done: bool = False
+
+
+class _Attach(torch.autograd.Function):
+    """Identity (a copy) that reports the output gradient of a layer whose output has no
+    autograd history (first layer: input and detached parameters need no grad)."""
+
+    @staticmethod
+    def forward(ctx, out, anchor, callback):  # noqa: ARG004 - anchor only links the graph
+        ctx.callback = callback
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.callback(grad)
+        return None, None, None
+
+
+def _trainable_layers(model: nn.Module) -> list[_Layer]:
+    """Supported layers that own trainable parameters; refuses unsupported ones."""
+    layers, bad = [], []
+    for name, m in model.named_modules():
+        names = tuple(n for n, p in m.named_parameters(recurse=False) if p.requires_grad)
+        if not names:
+            continue
+        rule = RULES.get(type(m))
+        if rule is None:
+            bad.append(f"{name or '<root>'} ({type(m).__name__})")
+            continue
+        try:
+            rule.check(m)
+        except UnsupportedLayerError as e:
+            bad.append(f"{name or '<root>'} ({type(m).__name__}: {e})")
+            continue
+        layers.append(_Layer(name, m, rule, names))
+    if bad:
+        raise UnsupportedLayerError(
+            f"book-keeping clipping cannot handle trainable layers: {'; '.join(bad)}. "
+            f"Supported: {supported_layer_names()}. Freeze them, replace them, or use "
+            "Opacus' hooks mode."
+        )
+    return layers
+
+
+class BookKeepingClipper:
+    """Per-sample clipping hooks on a plain module (see the module docstring).
+
+    Args:
+        model: the module to train; stays a plain ``nn.Module`` (nothing wrapped).
+        max_grad_norm: per-sample L2 bound ``C`` (> 0, finite).
+        loss_reduction: ``MEAN`` if the loss is averaged over the batch (grad_outputs are
+            then scaled by the batch size, as Opacus does), ``SUM`` if summed.
+
+    Raises:
+        UnsupportedLayerError: a trainable layer type or configuration is not supported.
+        ValueError: ``max_grad_norm`` is not a positive finite number.
+    """
+
+    def __init__(self, model: nn.Module, max_grad_norm: float,
+                 loss_reduction: LossReduction | str = LossReduction.MEAN) -> None:
+        if not (isinstance(max_grad_norm, int | float) and 0 < max_grad_norm < float("inf")):
+            raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
+        self.model = model
+        self.max_grad_norm = float(max_grad_norm)
+        self.loss_reduction = LossReduction(loss_reduction)
+        self.layers = _trainable_layers(model)
+        self.per_sample_norms: torch.Tensor | None = None
+        self.clip_factors: torch.Tensor | None = None
+        self._record: _Record | None = None
+        self._handles = [model.register_forward_pre_hook(self._new_record, prepend=True)]
+        for layer in self.layers:
+            self._handles.append(layer.module.register_forward_pre_hook(
+                partial(self._swap_in, layer)))
+            self._handles.append(layer.module.register_forward_hook(
+                partial(self._capture, layer), always_call=True))
+
+    @property
+    def attached(self) -> bool:
+        """Whether hooks are installed."""
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        """Remove every hook and restore any swapped parameter. Idempotent."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for layer in self.layers:
+            self._restore(layer)
+        self._record = None
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def _new_record(self, module, args) -> None:
+        if torch.is_grad_enabled():
+            self._record = _Record()
+
+    def _swap_in(self, layer: _Layer, module, args) -> None:
+        if not torch.is_grad_enabled():
+            return
+        for n in layer.names:
+            p = module._parameters[n]
+            layer.saved[n] = p
+            module._parameters[n] = p.detach()
+
+    def _restore(self, layer: _Layer) -> None:
+        for n, p in layer.saved.items():
+            layer.module._parameters[n] = p
+        layer.saved.clear()
+
+    def _capture(self, layer: _Layer, module, args, output):
+        swapped = bool(layer.saved)
+        self._restore(layer)
+        if not swapped:
+            return None
+        record = self._record if self._record is not None else _Record()
+        self._record = record
+        if layer.name in record.entries:
+            raise PerSampleUsageError(
+                f"layer {layer.name!r} ran twice in one forward pass (shared parameters); "
+                "book-keeping clipping needs one call per layer per step"
+            )
+        x = args[0].detach()
+        entry = _Entry(layer, x)
+        if getattr(layer.rule, "keeps_output", False):
+            entry.out, entry.out_version = output.detach(), output._version
+        record.entries[layer.name] = entry
+        record.batch_size = x.shape[0] if record.batch_size is None else record.batch_size
+        callback = partial(self._on_grad, record, entry)
+        if output.requires_grad:
+            output.register_hook(callback)
+            return None
+        anchor = module._parameters[layer.names[0]]
+        return _Attach.apply(output, anchor, callback)
+
+    # -- backward ---------------------------------------------------------------------------
+
+    def _on_grad(self, record: _Record, entry: _Entry, grad: torch.Tensor) -> None:
+        if record is not self._record or record.done:
+            raise PerSampleUsageError(
+                "backward through a forward pass that was already used (or superseded); "
+                "run forward then backward exactly once per step"
+            )
+        if not record.queued:
+            record.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(
+                partial(self._finalize, record))
+        layer = entry.layer
+        if entry.out is None:
+            entry.sq, entry.state = layer.rule.norms(layer.module, entry.x, grad)
+        else:  # the output may have been modified in place since: then do not use it
+            out = entry.out if entry.out._version == entry.out_version else None
+            entry.sq, entry.state = layer.rule.norms(layer.module, entry.x, grad, y=out)
+        entry.x = entry.out = None
+
+    def _finalize(self, record: _Record) -> None:
+        record.done = True
+        b = record.batch_size or 0
+        scale = float(b) if self.loss_reduction is LossReduction.MEAN else 1.0
+        sq = [e.sq for e in record.entries.values() if e.sq is not None]
+        ref = next(iter(self.model.parameters()))
+        total = torch.stack(sq).sum(0) if sq else ref.new_zeros(b)
+        norms = total.sqrt() * scale
+        coef = clip_factors(total * scale**2, self.max_grad_norm)
+        self.per_sample_norms, self.clip_factors = norms, coef
+        for layer in self.layers:
+            entry = record.entries.get(layer.name)
+            sums = (layer.rule.sums(layer.module, entry.state, coef * scale)
+                    if entry is not None and entry.sq is not None else {})
+            self._write(layer, sums)
+
+    @staticmethod
+    def _write(layer: _Layer, sums: dict[str, torch.Tensor]) -> None:
+        for n in layer.names:
+            p = layer.module._parameters[n]
+            g = sums.get(n)
+            g = torch.zeros_like(p) if g is None else g.to(p.dtype).view_as(p)
+            p.grad = g if p.grad is None else p.grad + g

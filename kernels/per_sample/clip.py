@@ -1,0 +1,33 @@
+"""Clip factors and weighted per-sample sums shared by every layer type."""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import CLIP_EPS
+
+
+def clip_factors(sq_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """Opacus' per-sample clip factors from *squared* norms.
+
+    Returns ``min(1, C / (sqrt(sq) + 1e-6))``: exactly 1 for a zero gradient (never a
+    division by zero), ``C / norm`` (up to the 1e-6) above the bound, so every clipped
+    gradient has norm <= ``C``. NaN norms give NaN factors (a NaN loss stays visible).
+    """
+    return (max_grad_norm / (sq_norms.sqrt() + CLIP_EPS)).clamp(max=1.0)
+
+
+def per_sample_sq_norms(per_sample: torch.Tensor) -> torch.Tensor:
+    """``(B, ...)`` -> ``(B,)`` squared L2 norm of each sample's slice."""
+    flat = per_sample.reshape(per_sample.shape[0], -1)
+    return torch.linalg.vecdot(flat, flat)
+
+
+def weighted_sum(per_sample: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """``sum_i coef_i * per_sample[i]`` (one GEMV); zeros for an empty batch."""
+    b = per_sample.shape[0]
+    if b == 0:
+        return per_sample.new_zeros(per_sample.shape[1:])
+    return torch.mv(per_sample.reshape(b, -1).t(), coef.to(per_sample.dtype)).reshape(
+        per_sample.shape[1:]
+    )

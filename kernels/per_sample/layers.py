@@ -1,0 +1,165 @@
+"""Per-layer-type rules of the book-keeping engine: what to check, keep and sum.
+
+Each rule turns one layer call (its input ``x`` and the gradient ``g`` w.r.t. its output)
+into squared per-sample norms of the layer's trainable parameters plus a small
+``state`` from which :meth:`sums` later forms ``sum_i coef_i * grad_i`` per parameter.
+Only parameters that require grad are counted (a frozen weight contributes nothing).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .clip import per_sample_sq_norms, weighted_sum
+from .conv import conv_per_sample_grads
+from .embedding import embedding_clipped_sum, embedding_sq_norms
+from .group_norm import group_norm_per_sample_grads
+from .linear import linear_clipped_sum, linear_sq_norms
+
+
+class UnsupportedLayerError(ValueError):
+    """A layer with trainable parameters that the book-keeping engine cannot clip exactly."""
+
+
+Sums = dict[str, torch.Tensor]
+
+
+def _trainable(module: nn.Module, name: str) -> bool:
+    p = module._parameters.get(name)
+    return p is not None and p.requires_grad
+
+
+def _per_sample_rule_sums(state: tuple[torch.Tensor | None, ...], names, coef) -> Sums:
+    """Weighted sums of materialised per-sample grads ``(weight, bias)``."""
+    return {n: weighted_sum(t, coef) for n, t in zip(names, state, strict=True) if t is not None}
+
+
+def _sq_of(state: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
+    return sum(per_sample_sq_norms(t) for t in state if t is not None)
+
+
+class LinearRule:
+    """``nn.Linear``: exact ``||a|| ||g||`` norms (ghost norm with a sequence dim)."""
+
+    @staticmethod
+    def check(module: nn.Module) -> None:
+        return None
+
+    @staticmethod
+    def norms(module: nn.Linear, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        if x.dim() < 2:
+            raise ValueError(f"Linear input needs a batch dimension, got shape {tuple(x.shape)}")
+        w_on, b_on = _trainable(module, "weight"), _trainable(module, "bias")
+        if w_on:
+            sq = linear_sq_norms(x, g, bias=b_on)
+        else:
+            sq = per_sample_sq_norms(g.reshape(g.shape[0], -1, g.shape[-1]).sum(1))
+        return sq, (x, g)
+
+    @staticmethod
+    def sums(module: nn.Linear, state: Any, coef: torch.Tensor) -> Sums:
+        x, g = state
+        gw, gb = linear_clipped_sum(x, g, coef, bias=True)
+        out = {"weight": gw} if _trainable(module, "weight") else {}
+        if _trainable(module, "bias"):
+            out["bias"] = gb
+        return out
+
+
+class ConvRule:
+    """``nn.Conv1d`` / ``nn.Conv2d`` with zero padding: materialised per-sample grads."""
+
+    @staticmethod
+    def check(module: nn.Module) -> None:
+        if module.padding_mode != "zeros":
+            raise UnsupportedLayerError(
+                f"padding_mode={module.padding_mode!r} is not supported (only 'zeros')"
+            )
+
+    @staticmethod
+    def _explicit_padding(module, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        if not isinstance(module.padding, str):
+            return x, list(module.padding)
+        if module.padding == "valid":
+            return x, [0] * (x.dim() - 2)
+        total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
+        pads = [p for t in reversed(total) for p in (t // 2, t - t // 2)]
+        return torch.nn.functional.pad(x, pads), [0] * len(total)
+
+    @staticmethod
+    def norms(module, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        x, padding = ConvRule._explicit_padding(module, x)
+        w_on, b_on = _trainable(module, "weight"), _trainable(module, "bias")
+        gw, gb = conv_per_sample_grads(
+            x, g, module.weight.shape, stride=module.stride, padding=padding,
+            dilation=module.dilation, groups=module.groups, bias=b_on,
+        ) if w_on else (None, g.sum(dim=tuple(range(2, g.dim()))))
+        state = (gw, gb)
+        return _sq_of(state), state
+
+    @staticmethod
+    def sums(module, state: Any, coef: torch.Tensor) -> Sums:
+        return _per_sample_rule_sums(state, ("weight", "bias"), coef)
+
+
+class GroupNormRule:
+    """``nn.GroupNorm`` (affine): per-sample grads are ``(B, C)``, cheap to hold."""
+
+    @staticmethod
+    def check(module: nn.Module) -> None:
+        return None
+
+    #: Ask the engine to keep the (unmodified) output: enables the fast output path.
+    keeps_output = True
+
+    @staticmethod
+    def norms(module: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor, y=None):
+        gw, gb = group_norm_per_sample_grads(x, g, module.num_groups, module.eps, y=y,
+                                             weight=module.weight, bias=module.bias)
+        state = (gw if _trainable(module, "weight") else None,
+                 gb if _trainable(module, "bias") else None)
+        return _sq_of(state), state
+
+    @staticmethod
+    def sums(module, state: Any, coef: torch.Tensor) -> Sums:
+        return _per_sample_rule_sums(state, ("weight", "bias"), coef)
+
+
+class EmbeddingRule:
+    """``nn.Embedding`` (dense, no ``max_norm``): ghost norms, ``index_add`` sums."""
+
+    @staticmethod
+    def check(module: nn.Module) -> None:
+        bad = [f"{k}={getattr(module, k)!r}" for k in ("max_norm", "sparse", "scale_grad_by_freq")
+               if getattr(module, k)]
+        if bad:
+            raise UnsupportedLayerError(f"Embedding with {', '.join(bad)} is not supported")
+
+    @staticmethod
+    def norms(module: nn.Embedding, x: torch.Tensor, g: torch.Tensor):
+        return embedding_sq_norms(x, g, padding_idx=module.padding_idx), (x, g)
+
+    @staticmethod
+    def sums(module: nn.Embedding, state: Any, coef: torch.Tensor) -> Sums:
+        x, g = state
+        w = embedding_clipped_sum(x, g, coef, module.num_embeddings,
+                                  padding_idx=module.padding_idx)
+        return {"weight": w}
+
+
+#: Layer types the engine clips exactly (exact type match: subclasses may change forward).
+RULES: dict[type[nn.Module], type] = {
+    nn.Linear: LinearRule,
+    nn.Conv1d: ConvRule,
+    nn.Conv2d: ConvRule,
+    nn.GroupNorm: GroupNormRule,
+    nn.Embedding: EmbeddingRule,
+}
+
+
+def supported_layer_names() -> str:
+    """Comma-separated class names of :data:`RULES` (for error messages)."""
+    return ", ".join(t.__name__ for t in RULES)
