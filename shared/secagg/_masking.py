@@ -1,46 +1,68 @@
-"""Mask streams in Z_2^32 for SecAgg+: the one place the protocol touches a PRG.
+"""The protocol's door to ``kernels``: mask keys, masking and folding in Z_2^32.
 
-A mask is the RFC 8439 ChaCha20 keystream (read as little-endian uint32 words, block counter
-from 0) under a full 256-bit key that HKDF derives from a 32-byte secret and a context naming
-(purpose, run, round, pair). This adapter uses ``cryptography``'s ChaCha20 directly and has
-exactly the semantics of ``kernels.chacha20_keystream``; it is replaced by the kernels when
-they are available, without changing a single mask.
+The protocol keeps ring vectors as numpy ``uint32`` (4 bytes per element on the wire); the
+kernels work on ``torch.int32`` bit patterns. ``torch.from_numpy(x.view(np.int32))`` shares
+memory, so every call here works in place on the caller's array with no copy.
+
+Mask keys are full 256-bit ChaCha20 keys plus nonce from ``kernels.derive_mask_key`` (HKDF
+over a 32-byte secret and a context naming run, round, purpose and, for pairwise masks, the
+unordered pair of round-local client indices). A mask is the RFC 8439 keystream of its key.
 
 Guarantees:
-    * Equal (secret, purpose, run, round, unordered pair) give equal masks on every party;
-      any difference gives an independent mask.
-    * ``apply_mask`` works in place modulo 2**32 (uint32 wrap-around), exact for any input.
+    * Both ends of a pair derive the same key from the same X25519 secret; the sign comes
+      from the order of the indices (the lower index adds, the higher subtracts).
+    * ``add_masks`` and ``fold`` are exact modulo 2**32 for any input.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+import torch
 
-from shared.secagg.crypto import Purpose, derive_key
-
-_ZERO_NONCE = bytes(12)
-
-
-def mask_key(secret: bytes, *, purpose: Purpose, run_id: int, round_: int, a: int, b: int) -> bytes:
-    """256-bit ChaCha20 key of one mask (pairwise: ``a, b`` unordered; self: ``a == b``)."""
-    return derive_key(secret, purpose=purpose, run_id=run_id, round_=round_, a=a, b=b)
-
-
-def keystream_u32(key: bytes, n_words: int) -> np.ndarray:
-    """First ``n_words`` little-endian uint32 words of ChaCha20(key, nonce=0, counter=0)."""
-    enc = Cipher(algorithms.ChaCha20(key, bytes(4) + _ZERO_NONCE), mode=None).encryptor()
-    return np.frombuffer(enc.update(bytes(4 * n_words)), dtype="<u4").astype(np.uint32, copy=False)
+from kernels import (
+    MaskContext,
+    MaskKey,
+    MaskPurpose,
+    accumulate_ring,
+    derive_mask_key,
+)
+from kernels import (
+    add_masks as _kernel_add_masks,
+)
 
 
-def apply_mask(x: np.ndarray, key: bytes, sign: int) -> None:
-    """``x += sign * keystream(key)`` in place, modulo 2**32 (``sign`` is +1 or -1)."""
-    if x.dtype != np.uint32:
-        raise TypeError(f"masked vectors are uint32, got {x.dtype}")
-    stream = keystream_u32(key, x.shape[0])
-    if sign == 1:
-        np.add(x, stream, out=x)
-    elif sign == -1:
-        np.subtract(x, stream, out=x)
-    else:
-        raise ValueError(f"sign must be +1 or -1, got {sign}")
+def _ring_view(x: np.ndarray) -> torch.Tensor:
+    if x.dtype != np.uint32 or not x.flags.c_contiguous or not x.flags.writeable:
+        raise TypeError(f"ring vectors are writable contiguous uint32, got {x.dtype}")
+    return torch.from_numpy(x.view(np.int32))
+
+
+def pair_mask_key(secret: bytes, run_id: int, round_: int, a: int, b: int) -> MaskKey:
+    """Key of the pairwise mask between clients a != b (symmetric in a, b)."""
+    context = MaskContext(str(run_id), round_, MaskPurpose.PAIRWISE_MASK, (a, b))
+    return derive_mask_key(secret, context)
+
+
+def pair_sign(owner: int, peer: int) -> int:
+    """+1 if ``owner`` adds the pair's mask, -1 if it subtracts it."""
+    return 1 if owner < peer else -1
+
+
+def self_mask_key(seed: bytes, run_id: int, round_: int) -> MaskKey:
+    """Key of a client's self mask, from its private 32-byte seed."""
+    return derive_mask_key(seed, MaskContext(str(run_id), round_, MaskPurpose.SELF_MASK))
+
+
+def add_masks(x: np.ndarray, keys: Sequence[MaskKey], signs: Sequence[int]) -> None:
+    """``x += sum_i signs[i] * mask(keys[i])`` in place, mod 2**32 (one pass over x)."""
+    if keys:
+        _kernel_add_masks(_ring_view(x), list(keys), list(signs))
+
+
+def fold(acc: np.ndarray, x: np.ndarray) -> None:
+    """``acc += x`` in place, mod 2**32."""
+    if x.dtype != np.uint32 or x.shape != acc.shape:
+        raise TypeError(f"cannot fold {x.dtype} {x.shape} into uint32 {acc.shape}")
+    accumulate_ring(_ring_view(acc), torch.from_numpy(np.ascontiguousarray(x).view(np.int32)))

@@ -46,8 +46,6 @@ class Purpose(enum.Enum):
     """What a derived key is for; part of the HKDF info, so keys never cross purposes."""
 
     SHARE_CHANNEL = "share-channel"
-    PAIR_MASK = "pair-mask"
-    SELF_MASK = "self-mask"
 
 
 @dataclass(frozen=True)
@@ -98,7 +96,7 @@ def derive_key(
     """HKDF-SHA256 of ``secret`` into a 32-byte key bound to (purpose, run, round, {a, b}).
 
     The pair is unordered: ``derive_key(..., a=u, b=v) == derive_key(..., a=v, b=u)``.
-    For a per-client key (``Purpose.SELF_MASK``) pass ``a == b``.
+    (Mask keys are derived by ``kernels.derive_mask_key``, see ``_masking``.)
     """
     lo, hi = min(a, b), max(a, b)
     info = _KDF_DOMAIN + purpose.value.encode() + _ints(run_id, round_, lo, hi)

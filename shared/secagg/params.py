@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-RING_BITS = 32
+from kernels import RING_BITS, check_ring_capacity
+from kernels.quantize import MAX_BITS
+
 RING_MAX = (1 << RING_BITS) - 1
 
 
@@ -36,8 +38,8 @@ class SecAggParams:
         t: Shamir threshold. Each client's secrets are shared among its k neighbours plus
             itself (k + 1 holders); any t of them reconstruct, t - 1 learn nothing.
             Must satisfy ``k / 2 < t <= k``.
-        bits: quantisation bit width; each coordinate of a client's input is an integer in
-            ``[0, 2**bits - 1]`` before weighting.
+        bits: quantisation bit width (1..24, the kernels' limit); each coordinate of a
+            client's input is an integer in ``[0, 2**bits - 1]`` before weighting.
         clip_range: model-update coordinates are clipped to ``[-clip_range, clip_range]``.
         max_weight: largest example count a client may use as its weight.
         metric_clip_range: weighted metrics are clipped to ``[-metric_clip_range,
@@ -72,17 +74,18 @@ class SecAggParams:
             raise ValueError(f"t must be > k / 2 = {self.k / 2}, got t={self.t}")
         if self.t > self.k:
             raise ValueError(f"t must be <= k = {self.k}, got t={self.t}")
-        if not 1 <= self.bits <= RING_BITS:
-            raise ValueError(f"bits must be in [1, {RING_BITS}], got {self.bits}")
+        if not 1 <= self.bits <= MAX_BITS:
+            raise ValueError(f"bits must be in [1, {MAX_BITS}] (kernels.quantize), got {self.bits}")
         if self.max_weight < 1:
             raise ValueError(f"max_weight must be >= 1, got {self.max_weight}")
-        worst = self.n * self.max_weight * ((1 << self.bits) - 1)
-        if worst > RING_MAX:
+        try:
+            check_ring_capacity(self.n, self.bits, self.max_weight)
+        except ValueError as exc:
             raise ValueError(
                 f"bits={self.bits} and max_weight={self.max_weight} let the sum of n={self.n} "
-                f"clients reach {worst} > 2**32 - 1; lower bits or max_weight "
-                f"(max_weight <= {max_weight_limit(self.n, self.bits)} at bits={self.bits})"
-            )
+                f"clients exceed 2**32 - 1; lower bits or max_weight "
+                f"(max_weight <= {max_weight_limit(self.n, self.bits)} at bits={self.bits}): {exc}"
+            ) from None
         _require_positive_finite("clip_range", self.clip_range)
         _require_positive_finite("metric_clip_range", self.metric_clip_range)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import numpy as np
 
 from shared.secagg import _masking, graph, shamir
-from shared.secagg.client import pair_mask_key, self_mask_key
 from shared.secagg.contract import (
     SHARE_ELEMS,
     AdvertiseKeysIns,
@@ -218,7 +217,7 @@ class SecAggServer:
                 f"masked input of client {res.client} has shape "
                 f"{res.masked.shape}, expected ({self.vector_len},)"
             )
-        np.add(self._acc, res.masked, out=self._acc)  # Z_2^32: uint32 wrap-around
+        _masking.fold(self._acc, res.masked)
 
     # -- stage 4 -----------------------------------------------------------------------------------
     def unmask_ins(self) -> dict[int, UnmaskIns]:
@@ -274,18 +273,19 @@ class SecAggServer:
         """
         self._advance(Stage.UNMASK, None)
         survivors = sorted(self.stage_survivors[Stage.COLLECT_MASKED])
-        for u, seed in zip(survivors, self._reconstruct("seed", survivors), strict=True):
-            _masking.apply_mask(self._acc, self_mask_key(seed, self.run_id, self.round, u), -1)
+        seeds = self._reconstruct("seed", survivors)
+        keys = [_masking.self_mask_key(seed, self.run_id, self.round) for seed in seeds]
+        signs = [-1] * len(keys)
         dropped = sorted(self._needed_dropped())
         for v, raw in zip(dropped, self._reconstruct("key", dropped), strict=True):
             kp = KeyPair.from_secret_bytes(raw)
             if kp.public != self._pks[v][1]:
-                raise self._abort(
-                    Stage.UNMASK, f"mask key of dropped client {v} did not reconstruct"
-                )
+                raise self._abort(Stage.UNMASK, f"mask key of dropped client {v} is inconsistent")
             for u in sorted(self.neighbours[v] & set(survivors)):
-                key = pair_mask_key(kp.agree(self._pks[u][1]), self.run_id, self.round, u, v)
-                _masking.apply_mask(self._acc, key, -1 if u < v else 1)
+                secret = kp.agree(self._pks[u][1])
+                keys.append(_masking.pair_mask_key(secret, self.run_id, self.round, u, v))
+                signs.append(-_masking.pair_sign(u, v))
+        _masking.add_masks(self._acc, keys, signs)
         return self._acc
 
     @property

@@ -1,7 +1,9 @@
 """Key agreement, KDF and share sealing: RFC vectors, tampering, wrong keys, replays."""
 
+import numpy as np
 import pytest
 
+from kernels import MaskKey
 from shared.secagg import _masking
 from shared.secagg.crypto import (
     KeyPair,
@@ -49,7 +51,24 @@ def test_mask_stream_rfc8439_keystream_vector():
         "76b8e0ada0f13d90405d6ae55386bd28bdd219b8a08ded1aa836efcc8b770dc7"
         "da41597c5157488d7724e03fb8d84a376a43b8f41518a11cc387b669b2ee6586"
     )
-    assert _masking.keystream_u32(bytes(32), 16).tobytes() == expected
+    x = np.zeros(16, dtype=np.uint32)
+    _masking.add_masks(x, [MaskKey(bytes(32), bytes(12))], [1])  # the mask is the keystream
+    assert x.tobytes() == expected
+    _masking.add_masks(x, [MaskKey(bytes(32), bytes(12))], [-1])
+    assert not x.any()
+
+
+def test_pair_masks_agree_and_cancel():
+    a, b = KeyPair.generate(), KeyPair.generate()
+    ka = _masking.pair_mask_key(a.agree(b.public), 1, 2, 3, 4)
+    kb = _masking.pair_mask_key(b.agree(a.public), 1, 2, 4, 3)
+    assert (ka.key, ka.nonce) == (kb.key, kb.nonce)
+    assert _masking.pair_sign(3, 4) == -_masking.pair_sign(4, 3) == 1
+    x = np.arange(1000, dtype=np.uint32)
+    _masking.add_masks(x, [ka, kb], [_masking.pair_sign(3, 4), _masking.pair_sign(4, 3)])
+    assert np.array_equal(x, np.arange(1000, dtype=np.uint32))
+    other_round = _masking.pair_mask_key(a.agree(b.public), 1, 3, 3, 4)
+    assert other_round.key != ka.key
 
 
 def _ad(**kw):
@@ -81,10 +100,10 @@ def test_tampered_wrong_key_and_replayed_ciphertexts_rejected():
 
 def test_derived_keys_are_symmetric_and_separated():
     s = b"s" * 32
-    base = {"purpose": Purpose.PAIR_MASK, "run_id": 1, "round_": 2, "a": 3, "b": 4}
+    base = {"purpose": Purpose.SHARE_CHANNEL, "run_id": 1, "round_": 2, "a": 3, "b": 4}
     k = derive_key(s, **base)
     assert k == derive_key(s, **{**base, "a": 4, "b": 3})
-    for change in ({"purpose": Purpose.SHARE_CHANNEL}, {"run_id": 2}, {"round_": 3}, {"b": 5}):
+    for change in ({"run_id": 2}, {"round_": 3}, {"b": 5}):
         assert derive_key(s, **{**base, **change}) != k
     assert derive_key(b"t" * 32, **base) != k
 

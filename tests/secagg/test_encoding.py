@@ -3,20 +3,22 @@
 import numpy as np
 import pytest
 
-from shared.secagg.encoding import decode, encode, quantize, vector_length
+from kernels import dequantization_error_bound
+from shared.secagg.encoding import decode, encode, vector_length
 from shared.secagg.params import SecAggParams, max_weight_limit
 from tests.secagg._sim import drbg, run_round
 
 
-def test_quantize_range_edges_and_unbiasedness():
+def test_slots_edges_and_weight_scaling():
+    p = SecAggParams(n=4, k=3, t=2, bits=8, max_weight=50)
     x = np.array([-np.inf, -5.0, -1.0, 0.0, 0.25, 1.0, 7.0, np.inf])
-    q = quantize(x, 1.0, 8, drbg(0))
-    assert q[0] == q[1] == q[2] == 0 and q[5] == q[6] == q[7] == 255
-    assert q.dtype == np.int64 and quantize(np.zeros(0), 1.0, 8, drbg(0)).shape == (0,)
-    reps = quantize(np.full(200_000, 0.3), 1.0, 4, drbg(1))
-    exact = (0.3 + 1.0) * 15 / 2.0  # 9.75: rounds to 9 or 10
-    assert set(np.unique(reps).tolist()) == {9, 10}
-    assert abs(reps.mean() - exact) < 0.01
+    one = encode(x, 1, p, metrics=np.array([1e9, -1e9]), randbytes=drbg(0))
+    assert one.dtype == np.uint32 and one.shape == (vector_length(8, 2),)
+    assert one[:3].tolist() == [0, 0, 0] and one[5:8].tolist() == [255, 255, 255]
+    assert 127 <= one[3] <= 128 and one[8] == 1 and one[9:].tolist() == [255, 0]
+    seven = encode(x, 7, p, metrics=np.array([1e9, -1e9]), randbytes=drbg(0))
+    assert np.array_equal(seven, one * 7)  # same dither: every slot, weight included, x 7
+    assert encode(np.zeros(0), 3, p).tolist() == [3]
 
 
 def test_nan_and_bad_weights_rejected():
@@ -47,10 +49,11 @@ def test_weighted_mean_through_secure_aggregation():
     agg = decode(total, params, n_params=d, n_metrics=1)
     assert agg.total_weight == weights.sum()
     clipped = np.clip(updates, -c, c)
-    level = 2 * c / (2**bits - 1)
-    assert np.abs(agg.mean_update - weights @ clipped / weights.sum()).max() <= level
-    metric_level = 2 * params.metric_clip_range / (2**bits - 1)
-    assert abs(agg.mean_metrics[0] - weights @ losses[:, 0] / weights.sum()) <= metric_level
+    w_total = int(weights.sum())
+    tol = dequantization_error_bound(c, bits, w_total) / w_total
+    assert np.abs(agg.mean_update - weights @ clipped / w_total).max() <= tol
+    tol_m = dequantization_error_bound(params.metric_clip_range, bits, w_total) / w_total
+    assert abs(agg.mean_metrics[0] - weights @ losses[:, 0] / w_total) <= tol_m
 
 
 def test_worst_case_sum_does_not_wrap():

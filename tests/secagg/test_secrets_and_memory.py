@@ -5,7 +5,8 @@ import tracemalloc
 
 import numpy as np
 
-from shared.secagg.client import SecAggClient, pair_mask_key, self_mask_key
+from shared.secagg._masking import pair_mask_key, self_mask_key
+from shared.secagg.client import SecAggClient
 from shared.secagg.contract import Stage
 from shared.secagg.params import SecAggParams
 from shared.secagg.server import SecAggServer
@@ -26,9 +27,10 @@ def test_no_secret_bytes_in_any_message_or_log(caplog):
     secrets_ = []
     for c in clients:
         secrets_ += [c._channel.secret_bytes(), c._mask.secret_bytes(), c._seed]
-        secrets_.append(self_mask_key(c._seed, c.run_id, c.round, c.index))
+        secrets_.append(self_mask_key(c._seed, c.run_id, c.round).key)
         for v, (_, mask_pk) in c._peers.items():
-            secrets_.append(pair_mask_key(c._mask.agree(mask_pk), c.run_id, c.round, c.index, v))
+            secret = c._mask.agree(mask_pk)
+            secrets_ += [secret, pair_mask_key(secret, c.run_id, c.round, c.index, v).key]
     blob = b"".join(transcript.messages)
     assert len(transcript.messages) > 4 * n
     leaks = [s.hex()[:16] for s in secrets_ if any(w in blob for w in _windows(s))]
