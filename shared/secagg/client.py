@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import secrets
 import struct
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +44,7 @@ from shared.secagg.crypto import (
 )
 from shared.secagg.encoding import vector_length
 from shared.secagg.errors import ContractError, SecAggAbort, StaleMessageError
+from shared.secagg.params import SecAggParams
 
 _SHARE_HEADER = struct.Struct("<Qqii")  # run_id, round, sender, receiver
 SHARE_PLAINTEXT_BYTES = _SHARE_HEADER.size + 2 * 8 * SHARE_ELEMS
@@ -206,12 +208,14 @@ class SecAggClient:
             )
         self._held.update(bundles)
         self._maskers = frozenset(bundles)
-        y = encoded.copy()
-        _masking.apply_mask(y, self_mask_key(self._seed, self.run_id, self.round, self.index), 1)
+        keys = [_masking.self_mask_key(self._seed, self.run_id, self.round)]
+        signs = [1]
         for v in sorted(bundles):
             secret = self._mask.agree(self._peers[v][1])
-            key = pair_mask_key(secret, self.run_id, self.round, self.index, v)
-            _masking.apply_mask(y, key, 1 if self.index < v else -1)
+            keys.append(_masking.pair_mask_key(secret, self.run_id, self.round, self.index, v))
+            signs.append(_masking.pair_sign(self.index, v))
+        y = encoded.copy()
+        _masking.add_masks(y, keys, signs)
         self._next = Stage.UNMASK
         return CollectMaskedRes(self.run_id, self.round, self.index, y)
 
@@ -245,16 +249,69 @@ class SecAggClient:
             key_blob,
         )
 
+    # -- local persistence (e.g. a ClientApp's context.state between stage messages) ------------
+    def to_local_state(self) -> dict[str, Any]:
+        """Session state as a flat ConfigRecord-compatible dict, for the client's own storage.
 
-def self_mask_key(seed: bytes, run_id: int, round_: int, client: int) -> bytes:
-    """ChaCha20 key of a client's self mask."""
-    return _masking.mask_key(
-        seed, purpose=Purpose.SELF_MASK, run_id=run_id, round_=round_, a=client, b=client
-    )
+        Contains PRIVATE KEYS, the self-mask seed and held shares: store it only in the
+        client's local state (``LOCAL_STATE_RECORD``), never in an outgoing message.
+        """
+        d: dict[str, Any] = {
+            "run_id": str(self.run_id),
+            "round": self.round,
+            "next": "" if self._next is None else self._next.value,
+        }
+        if self._next is Stage.ADVERTISE_KEYS:
+            return d
+        d.update({f"params.{k}": v for k, v in self.params.to_dict().items()})
+        d.update(
+            index=self.index,
+            vector_len=self.vector_len,
+            neighbours=sorted(self.neighbours),
+            channel_sk=self._channel.secret_bytes(),
+            mask_sk=self._mask.secret_bytes(),
+            seed=self._seed,
+            peers=sorted(self._peers),
+            peer_channel_pks=[self._peers[v][0] for v in sorted(self._peers)],
+            peer_mask_pks=[self._peers[v][1] for v in sorted(self._peers)],
+            held_owners=sorted(self._held),
+            held=b"".join(
+                np.concatenate(self._held[o]).astype("<u8").tobytes() for o in sorted(self._held)
+            ),
+            maskers=sorted(getattr(self, "_maskers", ())),
+        )
+        return d
 
-
-def pair_mask_key(secret: bytes, run_id: int, round_: int, a: int, b: int) -> bytes:
-    """ChaCha20 key of the pairwise mask between clients a and b (symmetric)."""
-    return _masking.mask_key(
-        secret, purpose=Purpose.PAIR_MASK, run_id=run_id, round_=round_, a=a, b=b
-    )
+    @classmethod
+    def from_local_state(
+        cls, d: dict[str, Any], randbytes: RandBytes = secrets.token_bytes
+    ) -> SecAggClient:
+        """Inverse of ``to_local_state``. Raises ``ContractError`` on a malformed state."""
+        try:
+            self = cls(int(d["run_id"]), d["round"], randbytes)
+            self._next = Stage(d["next"]) if d["next"] else None
+            if self._next is Stage.ADVERTISE_KEYS:
+                return self
+            self.params = SecAggParams.from_dict(
+                {k.split(".", 1)[1]: v for k, v in d.items() if k.startswith("params.")}
+            )
+            self.index, self.vector_len = d["index"], d["vector_len"]
+            self.neighbours = frozenset(d["neighbours"])
+            self._channel = KeyPair.from_secret_bytes(d["channel_sk"])
+            self._mask = KeyPair.from_secret_bytes(d["mask_sk"])
+            self._seed = d["seed"]
+            self._peers = {
+                v: (c, m)
+                for v, c, m in zip(
+                    d["peers"], d["peer_channel_pks"], d["peer_mask_pks"], strict=True
+                )
+            }
+            held = np.frombuffer(d["held"], dtype="<u8").astype(np.uint64)
+            held = held.reshape(len(d["held_owners"]), 2, SHARE_ELEMS)
+            self._held = {
+                o: (row[0], row[1]) for o, row in zip(d["held_owners"], held, strict=True)
+            }
+            self._maskers = frozenset(d["maskers"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ContractError(f"malformed SecAgg client state: {exc}") from exc
+        return self

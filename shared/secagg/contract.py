@@ -31,6 +31,9 @@ from shared.secagg.params import SecAggParams
 
 PROTOCOL_VERSION = 1
 RECORD_PREFIX = "privfed.secagg"
+# Key of the client-side session state in the client's OWN storage (e.g. Flower's
+# ``context.state``). It holds private keys: it must never be put into an outgoing message.
+LOCAL_STATE_RECORD = f"{RECORD_PREFIX}.local-state"
 PUBLIC_KEY_BYTES = 32
 
 KEY_VERSION = "version"
