@@ -58,7 +58,9 @@ def pack_shares(
     return _SHARE_HEADER.pack(run_id, round_, sender, receiver) + body
 
 
-def unpack_shares(plain: bytes, expected: tuple[int, int, int, int]) -> tuple[np.ndarray, ...]:
+def unpack_shares(
+    plain: bytes, expected: tuple[int, int, int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Inverse of ``pack_shares``; the header must equal ``expected``."""
     if len(plain) != SHARE_PLAINTEXT_BYTES:
         raise ContractError(f"share bundle must be {SHARE_PLAINTEXT_BYTES} bytes, got {len(plain)}")
@@ -176,7 +178,7 @@ class SecAggClient:
         self._next = Stage.COLLECT_MASKED
         return ShareKeysRes(self.run_id, self.round, self.index, tuple(receivers), tuple(cts))
 
-    def _receive_bundles(self, ins: CollectMaskedIns) -> dict[int, tuple[np.ndarray, ...]]:
+    def _receive_bundles(self, ins: CollectMaskedIns) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         unknown = set(ins.senders) - set(self._peers)
         if unknown:
             raise ContractError(f"share bundles from non-peers {sorted(unknown)}")

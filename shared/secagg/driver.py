@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -58,7 +58,7 @@ def run_server_round(session: SecAggServer, exchange: Exchange) -> np.ndarray:
         for reply in exchange(stage, make_ins()):
             try:
                 msg = parse(reply, Direction.RES) if isinstance(reply, dict) else reply
-                session.receive(msg)
+                session.receive(cast(Reply, msg))  # parse(RES) yields only reply types
             except ContractError as exc:
                 log.warning("SecAgg+ %s: reply rejected, counted as dropout: %s", stage.value, exc)
     return session.finalize()

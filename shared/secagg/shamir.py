@@ -22,6 +22,7 @@ import secrets
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 P = (1 << 61) - 1
 CHUNK_BYTES = 7
@@ -36,7 +37,7 @@ def _reduce_once(x: np.ndarray) -> np.ndarray:
     return x - np.where(x >= _P, _P, np.uint64(0))  # never underflows
 
 
-def mulmod(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def mulmod(a: ArrayLike, b: ArrayLike) -> np.ndarray:
     """Elementwise ``a * b mod p`` for canonical uint64 inputs (broadcasting)."""
     a = np.asarray(a, dtype=np.uint64)
     b = np.asarray(b, dtype=np.uint64)
@@ -55,12 +56,12 @@ def mulmod(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return _reduce_once((r & _P) + (r >> np.uint64(61)))
 
 
-def addmod(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def addmod(a: ArrayLike, b: ArrayLike) -> np.ndarray:
     """Elementwise ``a + b mod p``."""
     return _reduce_once(np.asarray(a, dtype=np.uint64) + np.asarray(b, dtype=np.uint64))
 
 
-def submod(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def submod(a: ArrayLike, b: ArrayLike) -> np.ndarray:
     """Elementwise ``a - b mod p``."""
     return _reduce_once(np.asarray(a, dtype=np.uint64) + (_P - np.asarray(b, dtype=np.uint64)))
 
