@@ -55,6 +55,11 @@ class SecAggServer:
     def __init__(
         self, params: SecAggParams, run_id: int, round_: int, n_params: int, n_metrics: int = 0
     ) -> None:
+        if not isinstance(params, SecAggParams):
+            raise TypeError(f"params must be SecAggParams, got {type(params).__name__}")
+        for name, value in (("n_params", n_params), ("n_metrics", n_metrics)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         self.params, self.run_id, self.round = params, run_id, round_
         self.n_params, self.n_metrics = n_params, n_metrics
         self.vector_len = vector_length(n_params, n_metrics)

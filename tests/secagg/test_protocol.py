@@ -212,3 +212,10 @@ def test_abort_is_sticky():
     with pytest.raises(SecAggAbort) as again:
         server.collect_masked_ins()
     assert again.value is first.value
+
+
+def test_server_rejects_bad_layout():
+    with pytest.raises(ValueError, match="n_params must be an int >= 0, got -1"):
+        SecAggServer(SecAggParams.plain(n=3, t=2), 1, 1, n_params=-1)
+    with pytest.raises(TypeError, match="params must be SecAggParams"):
+        SecAggServer({"n": 3}, 1, 1, n_params=1)
