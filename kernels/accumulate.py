@@ -24,6 +24,8 @@ from kernels._ring import (
     wrap_to_ring,
 )
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 def _check_pair(acc: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> None:
     check_tensor(acc, "acc", dtype)
@@ -59,10 +61,9 @@ def reference_accumulate_ring(acc: torch.Tensor, x: torch.Tensor) -> torch.Tenso
 def _check_weight(w: object) -> float:
     if not isinstance(w, int | float) or isinstance(w, bool) or not math.isfinite(w):
         raise ValueError(f"w must be a finite number, got {w!r}")
-    w32 = float(np.float32(w))
-    if not math.isfinite(w32):
-        raise ValueError(f"w must fit in float32, got {w!r}")
-    return w32
+    if abs(w) > _FLOAT32_MAX:
+        raise ValueError(f"w must fit in float32 (|w| <= {_FLOAT32_MAX:.7g}), got {w!r}")
+    return float(np.float32(w))
 
 
 def accumulate_weighted(acc: torch.Tensor, x: torch.Tensor, w: float) -> torch.Tensor:

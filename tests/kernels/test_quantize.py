@@ -1,0 +1,153 @@
+"""quantize / dequantize / check_ring_capacity: reference, range, error bound, refusals."""
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from kernels import (
+    RING_DTYPE,
+    accumulate_ring,
+    check_ring_capacity,
+    dequantization_error_bound,
+    dequantize,
+    grid,
+    quantize,
+    reference_dequantize,
+    reference_quantize,
+)
+from tests.kernels.conftest import SIZES, make_key
+
+BITS = (1, 8, 15, 16, 17, 24)
+
+
+def _update(n: int, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(n, generator=gen) * scale
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("n", SIZES)
+def test_matches_reference(n, bits, gen):
+    x = _update(n, gen, scale=2.0)
+    key = make_key(f"q{n}")
+    q = quantize(x, clip_range=3.0, bits=bits, key=key)
+    assert q.dtype == RING_DTYPE and q.shape == x.shape
+    assert torch.equal(q, reference_quantize(x, clip_range=3.0, bits=bits, key=key))
+    if n:
+        assert int(q.min()) >= 0 and int(q.max()) <= 2**bits - 1
+
+
+def test_extremes_and_infinities_map_to_the_ends(gen):
+    x = torch.tensor([-math.inf, -1e30, -3.0, 3.0, 1e30, math.inf])
+    q = quantize(x, clip_range=3.0, bits=12, key=make_key("e"))
+    assert q.tolist() == [0, 0, 0, 4095, 4095, 4095]
+
+
+def test_nan_is_refused():
+    x = torch.tensor([0.0, math.nan, 1.0])
+    with pytest.raises(ValueError, match="1 NaN"):
+        quantize(x, clip_range=1.0, bits=8, key=make_key("n"))
+
+
+def test_scale_is_rounded_down_so_values_stay_in_range():
+    for c in (0.1, 1.0, 3.0, 1e-3, 7.7):
+        for bits in (1, 16, 24):
+            g = grid(c, bits)
+            exact = Fraction(g.levels) / (2 * Fraction(g.clip))
+            assert Fraction(g.scale) <= exact
+            top = np.float32(np.float32(g.clip) + np.float32(g.clip)) * np.float32(g.scale)
+            assert top <= g.levels
+
+
+def test_same_key_same_bits_different_key_different_rounding(gen):
+    x = _update(4096, gen)
+    a = quantize(x, clip_range=2.0, bits=16, key=make_key("x"))
+    assert torch.equal(a, quantize(x, clip_range=2.0, bits=16, key=make_key("x")))
+    assert not torch.equal(a, quantize(x, clip_range=2.0, bits=16, key=make_key("y")))
+
+
+def test_out_argument_and_shape(gen):
+    x = _update(35, gen).view(5, 7)
+    out = torch.empty(5, 7, dtype=RING_DTYPE)
+    assert quantize(x, clip_range=1.0, bits=10, key=make_key("o"), out=out) is out
+    assert torch.equal(out, reference_quantize(x, clip_range=1.0, bits=10, key=make_key("o")))
+
+
+@pytest.mark.parametrize("bits", [8, 16, 20])
+def test_sum_of_n_decodes_within_documented_bound(bits, gen):
+    n, d, c = 7, 20_000, 1.5
+    xs = [_update(d, gen) for _ in range(n)]
+    total = torch.zeros(d, dtype=RING_DTYPE)
+    for i, x in enumerate(xs):
+        accumulate_ring(total, quantize(x, clip_range=c, bits=bits, key=make_key(f"s{i}")))
+    decoded = dequantize(total, clip_range=c, bits=bits, n_summands=n)
+    expected = torch.stack([x.clamp(-c, c).double() for x in xs]).sum(0)
+    error = (decoded.double() - expected).abs().max().item()
+    nominal_step = 2 * c / (2**bits - 1)
+    assert error <= dequantization_error_bound(c, bits, n)
+    assert dequantization_error_bound(c, bits, n) <= n * nominal_step * (1 + 2.0**-5) + 1e-5
+
+
+def test_rounding_is_unbiased(gen):
+    # One value, many independent dither streams: the mean of q approaches y.
+    x = torch.full((200_000,), 0.123456)
+    q = quantize(x, clip_range=1.0, bits=4, key=make_key("u")).double()
+    g = grid(1.0, 4)
+    y = float((np.float32(0.123456) + np.float32(1.0)) * np.float32(g.scale))
+    se = math.sqrt((y % 1) * (1 - y % 1) / x.numel())
+    assert abs(q.mean().item() - y) < 5 * se
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_dequantize_matches_reference(n, gen):
+    q = torch.randint(0, 2**16, (n,), generator=gen).to(RING_DTYPE)
+    for summands in (1, 3):
+        fast = dequantize(q, clip_range=0.5, bits=16, n_summands=summands)
+        assert fast.dtype == torch.float32
+        assert torch.equal(fast, reference_dequantize(q, clip_range=0.5, bits=16,
+                                                      n_summands=summands))
+
+
+def test_dequantize_reads_the_ring_as_unsigned():
+    # 2**32 - 1 as an int32 bit pattern is -1; it must decode as the top of the range.
+    q = torch.tensor([-1], dtype=RING_DTYPE)
+    assert dequantize(q, clip_range=1.0, bits=16, n_summands=65537).item() > 0
+
+
+def test_capacity_rule_names_the_numbers():
+    check_ring_capacity(65537, 16)  # 65537 * 65535 = 2**32 - 1 fits exactly
+    with pytest.raises(ValueError, match=r"n_summands=65538 .* > 2\*\*32 - 1 = 4294967295") as e:
+        check_ring_capacity(65538, 16)
+    assert "bits <= 15" in str(e.value)
+    with pytest.raises(ValueError, match="max_weight=3"):
+        check_ring_capacity(100, 24, max_weight=3)
+    with pytest.raises(ValueError, match="headroom=1"):
+        check_ring_capacity(65537, 16, headroom=1)
+
+
+def test_dequantize_refuses_a_sum_that_could_have_wrapped():
+    with pytest.raises(ValueError, match="could wrap"):
+        dequantize(torch.zeros(3, dtype=RING_DTYPE), clip_range=1.0, bits=24, n_summands=257)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"bits": 0}, ValueError, r"bits must be an int in \[1, 24\], got 0"),
+        ({"bits": 25}, ValueError, "got 25"),
+        ({"clip_range": 0.0}, ValueError, "clip_range must be in"),
+        ({"clip_range": math.inf}, ValueError, "clip_range must be in"),
+        ({"key": b"k" * 44}, TypeError, "key must be a MaskKey"),
+    ],
+)
+def test_bad_parameters_are_refused(kwargs, error, match):
+    args = {"clip_range": 1.0, "bits": 8, "key": make_key("b")} | kwargs
+    with pytest.raises(error, match=match):
+        quantize(torch.zeros(4), **args)
+
+
+def test_bad_input_dtype_is_refused():
+    with pytest.raises(TypeError, match="torch.float32, got torch.float64"):
+        quantize(torch.zeros(4, dtype=torch.float64), clip_range=1.0, bits=8, key=make_key("d"))
