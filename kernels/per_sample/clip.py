@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .reference import CLIP_EPS
@@ -19,7 +21,7 @@ def clip_factors(sq_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
 
 def per_sample_sq_norms(per_sample: torch.Tensor) -> torch.Tensor:
     """``(B, ...)`` -> ``(B,)`` squared L2 norm of each sample's slice."""
-    flat = per_sample.reshape(per_sample.shape[0], -1)
+    flat = per_sample.reshape(per_sample.shape[0], math.prod(per_sample.shape[1:]))
     return torch.linalg.vecdot(flat, flat)
 
 

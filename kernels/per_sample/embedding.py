@@ -9,14 +9,17 @@ Positions equal to ``padding_idx`` get no gradient, as in ``F.embedding``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def _rows(idx: torch.Tensor, g: torch.Tensor, padding_idx: int | None):
     """``(B, T)`` indices and ``(B, T, D)`` grads with padding positions zeroed."""
     b = idx.shape[0]
-    idx2 = idx.reshape(b, -1)
-    g3 = g.reshape(b, -1, g.shape[-1])
+    t = math.prod(idx.shape[1:])
+    idx2 = idx.reshape(b, t)
+    g3 = g.reshape(b, t, g.shape[-1])
     if padding_idx is not None:
         g3 = g3 * (idx2 != padding_idx).unsqueeze(-1).to(g3.dtype)
     return idx2, g3

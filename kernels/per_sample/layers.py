@@ -56,7 +56,7 @@ class LinearRule:
         if w_on:
             sq = linear_sq_norms(x, g, bias=b_on)
         else:
-            sq = per_sample_sq_norms(g.reshape(g.shape[0], -1, g.shape[-1]).sum(1))
+            sq = per_sample_sq_norms(g.sum(dim=tuple(range(1, g.dim() - 1))) if g.dim() > 2 else g)
         return sq, (x, g)
 
     @staticmethod

@@ -11,12 +11,14 @@ non-private weight gradient it replaces.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def _flat3(t: torch.Tensor) -> torch.Tensor:
     """``(B, ..., F)`` -> ``(B, T, F)`` (a view when possible)."""
-    return t.reshape(t.shape[0], -1, t.shape[-1])
+    return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])
 
 
 def linear_sq_norms(a: torch.Tensor, g: torch.Tensor, *, bias: bool) -> torch.Tensor:

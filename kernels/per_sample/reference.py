@@ -15,6 +15,7 @@ Conventions shared with the fast paths:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -43,7 +44,7 @@ def reference_clipped_sum(
     Returns:
         One tensor per parameter, ``sum_i c_i * grad_i``; zeros for an empty batch.
     """
-    flat = torch.cat([g.reshape(g.shape[0], -1) for g in per_sample_grads], dim=1)
+    flat = torch.cat([g.reshape(g.shape[0], math.prod(g.shape[1:])) for g in per_sample_grads], 1)
     coef = reference_clip_factors(flat.norm(dim=1), max_grad_norm)
     return [torch.einsum("i,i...->...", coef, g) for g in per_sample_grads]
 
@@ -56,8 +57,9 @@ def reference_linear_per_sample_grads(
     ``a`` is ``(B, ..., in)`` and ``g`` ``(B, ..., out)``; extra (sequence) dimensions are
     summed over. Returns ``(B, out, in)`` and ``(B, out)``.
     """
-    a3 = a.reshape(a.shape[0], -1, a.shape[-1])
-    g3 = g.reshape(g.shape[0], -1, g.shape[-1])
+    t = math.prod(a.shape[1:-1])
+    a3 = a.reshape(a.shape[0], t, a.shape[-1])
+    g3 = g.reshape(g.shape[0], t, g.shape[-1])
     return torch.einsum("bto,bti->boi", g3, a3), g3.sum(1)
 
 
@@ -115,7 +117,7 @@ def reference_embedding_per_sample_grads(
     out = g.new_zeros((b, num_embeddings, g.shape[-1]))
     for i in range(b):
         rows = idx[i].reshape(-1)
-        vals = g[i].reshape(-1, g.shape[-1])
+        vals = g[i].reshape(rows.numel(), g.shape[-1])
         if padding_idx is not None:
             keep = rows != padding_idx
             rows, vals = rows[keep], vals[keep]

@@ -1,0 +1,138 @@
+"""kernels.per_sample fast paths against their plain-torch references, on odd sizes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.per_sample import (
+    clip_factors,
+    conv_per_sample_grads,
+    embedding_clipped_sum,
+    embedding_sq_norms,
+    group_norm_per_sample_grads,
+    linear_clipped_sum,
+    linear_sq_norms,
+    per_sample_sq_norms,
+    reference_clip_factors,
+    reference_conv_per_sample_grads,
+    reference_embedding_per_sample_grads,
+    reference_group_norm_per_sample_grads,
+    reference_linear_per_sample_grads,
+    weighted_sum,
+)
+
+DT = torch.float64
+
+
+def _close(a, b, tol=1e-10):
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("b", [0, 1, 7])
+@pytest.mark.parametrize("seq", [(), (1,), (3,), (2, 5), (40,)])
+@pytest.mark.parametrize("d_in,d_out", [(1, 1), (3, 5), (17, 2)])
+def test_linear_norms_and_sums(b, seq, d_in, d_out):
+    torch.manual_seed(b + d_in)
+    a = torch.randn(b, *seq, d_in, dtype=DT)
+    g = torch.randn(b, *seq, d_out, dtype=DT)
+    gw, gb = reference_linear_per_sample_grads(a, g)
+    sq = per_sample_sq_norms(gw) + per_sample_sq_norms(gb)
+    _close(linear_sq_norms(a, g, bias=True), sq)
+    _close(linear_sq_norms(a, g, bias=False), per_sample_sq_norms(gw))
+    coef = torch.rand(b, dtype=DT)
+    w, bias = linear_clipped_sum(a, g, coef, bias=True)
+    _close(w, torch.einsum("i,i...->...", coef, gw))
+    _close(bias, torch.einsum("i,i...->...", coef, gb))
+
+
+CONV_CASES = [
+    # (dims, c_in, c_out, kernel, stride, padding, dilation, groups, size)
+    (2, 1, 3, 5, 1, 2, 1, 1, 9),
+    (2, 1, 4, 3, 2, 0, 1, 1, 8),
+    (2, 3, 5, 3, 1, 1, 1, 1, 7),
+    (2, 4, 6, 3, 2, 1, 2, 2, 11),
+    (2, 6, 6, 3, 1, 1, 1, 6, 5),
+    (2, 5, 3, 1, 1, 0, 1, 1, 4),
+    (1, 1, 5, 5, 2, 1, 1, 1, 40),
+    (1, 3, 7, 3, 2, 1, 1, 1, 13),
+    (1, 4, 4, 3, 1, 2, 2, 2, 9),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("b", [1, 3, 18])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_per_sample_grads(case, b, channels_last):
+    nd, c_in, c_out, k, stride, pad, dil, groups, size = case
+    if channels_last and nd != 2:
+        pytest.skip("channels_last is a 2-D layout")
+    torch.manual_seed(b * 31 + c_in)
+    x = torch.randn(b, c_in, *([size] * nd), dtype=DT)
+    w_shape = (c_out, c_in // groups, *([k] * nd))
+    conv = F.conv1d if nd == 1 else F.conv2d
+    out_shape = conv(x, torch.zeros(w_shape, dtype=DT), None, stride, pad, dil, groups).shape
+    g = torch.randn(out_shape, dtype=DT)
+    if channels_last:
+        x, g = (t.contiguous(memory_format=torch.channels_last) for t in (x, g))
+    kw = dict(stride=[stride] * nd, padding=[pad] * nd, dilation=[dil] * nd, groups=groups)
+    gw, gb = conv_per_sample_grads(x, g, w_shape, bias=True, **kw)
+    rw, rb = reference_conv_per_sample_grads(x, g, w_shape, **kw)
+    _close(gw, rw)
+    _close(gb, rb)
+
+
+def test_conv_empty_batch():
+    x, g = torch.zeros(0, 2, 5, 5), torch.zeros(0, 3, 5, 5)
+    gw, gb = conv_per_sample_grads(x, g, (3, 2, 3, 3), stride=[1, 1], padding=[1, 1],
+                                   dilation=[1, 1], groups=1, bias=True)
+    assert gw.shape == (0, 3, 2, 3, 3) and gb.shape == (0, 3)
+
+
+@pytest.mark.parametrize("shape,groups", [((1, 6, 5, 3), 3), ((4, 5, 7), 5), ((3, 4), 2),
+                                          ((5, 8, 3, 3), 1)])
+@pytest.mark.parametrize("affine", ["unit", "random", "zero_weight"])
+def test_group_norm_both_paths(shape, groups, affine):
+    torch.manual_seed(len(shape))
+    x = torch.randn(shape, dtype=DT) * 3 + 1
+    g = torch.randn(shape, dtype=DT)
+    c = shape[1]
+    w = {"unit": torch.ones(c, dtype=DT), "random": torch.rand(c, dtype=DT) + 0.5,
+         "zero_weight": torch.zeros(c, dtype=DT)}[affine]
+    bias = torch.randn(c, dtype=DT) * 0.3
+    y = F.group_norm(x, groups, w, bias, 1e-5)
+    rw, rb = reference_group_norm_per_sample_grads(x, g, groups, 1e-5)
+    for kwargs in ({}, {"y": y, "weight": w, "bias": bias}):
+        gw, gb = group_norm_per_sample_grads(x, g, groups, 1e-5, **kwargs)
+        _close(gw, rw, 1e-9)
+        _close(gb, rb)
+
+
+@pytest.mark.parametrize("idx_shape", [(1,), (4,), (3, 1), (5, 6), (2, 3, 4)])
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_embedding_norms_and_sums(idx_shape, padding_idx):
+    torch.manual_seed(sum(idx_shape))
+    vocab, dim = 7, 3
+    idx = torch.randint(0, vocab, idx_shape)
+    idx.view(-1)[0] = idx.view(-1)[-1]  # at least one repeat
+    g = torch.randn(*idx_shape, dim, dtype=DT)
+    dense = reference_embedding_per_sample_grads(idx, g, vocab, padding_idx)
+    _close(embedding_sq_norms(idx, g, padding_idx=padding_idx), per_sample_sq_norms(dense))
+    coef = torch.rand(idx_shape[0], dtype=DT)
+    got = embedding_clipped_sum(idx, g, coef, vocab, padding_idx=padding_idx)
+    _close(got, torch.einsum("i,i...->...", coef, dense))
+
+
+def test_clip_factors_edge_cases():
+    norms = torch.tensor([0.0, 0.5, 1.0, 4.0, float("inf"), float("nan")], dtype=DT)
+    got = clip_factors(norms**2, 1.0)
+    ref = reference_clip_factors(norms, 1.0)
+    _close(got[:5], ref[:5])
+    assert got[0] == 1.0 and got[4] == 0.0 and torch.isnan(got[5])
+    assert (got[:4] * norms[:4] <= 1.0 + 1e-12).all()
+
+
+def test_weighted_sum_empty_and_odd():
+    assert weighted_sum(torch.zeros(0, 3, 2), torch.zeros(0)).shape == (3, 2)
+    t = torch.randn(5, 3, 1, dtype=DT)
+    c = torch.rand(5, dtype=DT)
+    _close(weighted_sum(t, c), (t * c.view(-1, 1, 1)).sum(0))
