@@ -1,0 +1,156 @@
+"""DP-SGD step cost: privfed's book-keeping engine vs Opacus hooks / ghost vs non-private.
+
+``python -m benchmarks.dpsgd [--json] [--quick]``
+
+Same model, same batch (fixed tensors, no data loading), one process: time per training
+step (``zero_grad``, forward, loss, ``backward``, ``step``) of
+
+* ``nonprivate``: plain SGD, the faster of NCHW and channels-last (max-pool is slow in
+  NCHW on CPU; a ratio against a slow baseline flatters);
+* ``opacus_hooks`` / ``opacus_ghost``: Opacus 1.6 through :func:`client.dpsgd.make_private_round`
+  (NCHW: Opacus' conv grad sampler is wrong for channels-last inputs);
+* ``privfed``: the book-keeping engine, the faster of NCHW and channels-last;
+* ``privfed_csprng``: the same with the default ChaCha20 noise instead of ``torch.normal``.
+
+All private modes use ``torch.normal`` noise (as Opacus outside secure mode) unless named
+``_csprng``. Modes are interleaved round by round, so machine load hits them alike; each
+figure is the median over rounds of the mean step time within a round. Ratios are over
+``nonprivate``. Runs with 1 thread and with all threads. The last stdout line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+from client.dpsgd import ClippingMode, default_noise_fn, make_private_round, torch_noise_fn
+from shared.models import DEFAULT_SPECS, get_model
+
+BATCH = 64
+MODELS = ("cnn2d", "cnn1d")
+
+
+def _batch(name: str, channels_last: bool):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH, *DEFAULT_SPECS[name].shape, generator=gen)
+    y = torch.randint(0, DEFAULT_SPECS[name].num_classes, (BATCH,), generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
+
+
+def _model(name: str, channels_last: bool):
+    torch.manual_seed(0)
+    model = get_model(name)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def _nonprivate_step(name: str, channels_last: bool) -> Callable[[], None]:
+    model, (x, y) = _model(name, channels_last), _batch(name, channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def step() -> None:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def _private_step(name: str, mode: ClippingMode, channels_last: bool,
+                  csprng: bool = False) -> Callable[[], None]:
+    model, (x, y) = _model(name, channels_last), _batch(name, channels_last)
+    data = TensorDataset(torch.zeros(BATCH * 10, 1), torch.zeros(BATCH * 10))
+    noise = default_noise_fn() if csprng else torch_noise_fn(torch.Generator().manual_seed(1))
+    rnd = make_private_round(model, torch.optim.SGD(model.parameters(), lr=0.01), data,
+                             batch_size=BATCH, noise_multiplier=1.0, max_grad_norm=1.0,
+                             mode=mode, noise_fn=noise)
+
+    def step() -> None:
+        rnd.optimizer.zero_grad()
+        rnd.criterion(rnd.model(x), y).backward()
+        rnd.optimizer.step()
+
+    return step
+
+
+def _candidates(name: str) -> dict[str, list[Callable[[], None]]]:
+    """Mode -> step functions to take the fastest of (layout variants)."""
+    layouts = [False, True] if len(DEFAULT_SPECS[name].shape) == 3 else [False]
+    return {
+        "nonprivate": [_nonprivate_step(name, cl) for cl in layouts],
+        "opacus_hooks": [_private_step(name, ClippingMode.HOOKS, False)],
+        "opacus_ghost": [_private_step(name, ClippingMode.GHOST, False)],
+        "privfed": [_private_step(name, ClippingMode.PRIVFED, cl) for cl in layouts],
+        "privfed_csprng": [_private_step(name, ClippingMode.PRIVFED, layouts[-1], csprng=True)],
+    }
+
+
+def _measure(steps: dict[str, list[Callable[[], None]]], rounds: int, inner: int):
+    flat = [(mode, i, f) for mode, fs in steps.items() for i, f in enumerate(fs)]
+    for _, _, f in flat:
+        for _ in range(3):
+            f()
+    times: dict[tuple[str, int], list[float]] = {(m, i): [] for m, i, _ in flat}
+    for _ in range(rounds):
+        for mode, i, f in flat:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                f()
+            times[(mode, i)].append((time.perf_counter() - t0) / inner * 1e3)
+    out = {}
+    for mode, fs in steps.items():
+        medians = [statistics.median(times[(mode, i)]) for i in range(len(fs))]
+        out[mode] = min(medians)
+    return out
+
+
+def run_one(name: str, threads: int, rounds: int, inner: int) -> dict[str, float]:
+    """Median ms/step per mode and ratios over non-private for one model and thread count."""
+    torch.set_num_threads(threads)
+    ms = _measure(_candidates(name), rounds, inner)
+    res = {f"{m}_ms": round(v, 3) for m, v in ms.items()}
+    for mode in ("privfed", "privfed_csprng", "opacus_hooks", "opacus_ghost"):
+        res[f"{mode}_ratio"] = round(ms[mode] / ms["nonprivate"], 3)
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print only the JSON line")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (smoke run)")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    rounds, inner = (3, 2) if args.quick else (9, 5)
+    all_threads = os.cpu_count() or 1
+    results: dict[str, dict] = {}
+    for name in MODELS:
+        for threads in sorted({1, all_threads}):
+            key = f"{name}/threads={threads}"
+            results[key] = run_one(name, threads, rounds, inner)
+            if not args.json:
+                print(key, json.dumps(results[key]))
+    head = results["cnn2d/threads=1"]
+    summary = {
+        "benchmark": "dpsgd", "batch": BATCH, "device": "cpu",
+        "privfed_ratio": head["privfed_ratio"],
+        "opacus_hooks_ratio": head["opacus_hooks_ratio"],
+        "opacus_ghost_ratio": head["opacus_ghost_ratio"],
+        "headline": "cnn2d (28x28), batch 64, 1 thread; noise torch.normal in every mode",
+        "results": results,
+    }
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
