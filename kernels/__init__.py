@@ -26,7 +26,7 @@ from kernels.noise import (
     reference_discrete_gaussian_noise,
     reference_gaussian_noise,
 )
-from kernels.quantize import (
+from kernels.quantization import (
     QuantizationGrid,
     check_ring_capacity,
     dequantization_error_bound,

@@ -7,9 +7,6 @@ ChaCha20 blocks, one lane per block, in ``tl.uint32`` arithmetic (wrapping add, 
 import triton
 import triton.language as tl
 
-# Words per key-material row on the device: 8 key words, 3 nonce words, 1 sign word.
-KEY_ROW_WORDS: tl.constexpr = 12
-
 
 @triton.jit
 def _rotl(x, n: tl.constexpr):

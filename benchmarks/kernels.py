@@ -1,0 +1,135 @@
+"""Benchmark kernels/ against Flower's stock update encoding, side by side in one process.
+
+``python -m benchmarks.kernels [--json] [--quick]``. One thread (torch.set_num_threads(1),
+OpenBLAS pinned to 1 before numpy loads), median of repeats after warm-up. The last stdout
+line is one JSON object; ratios > 1 mean privfed is faster.
+"""
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms  # noqa: E402
+from flwr.common.secure_aggregation.quantization import quantize as flower_quantize  # noqa: E402
+from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen  # noqa: E402
+
+import kernels  # noqa: E402
+from benchmarks._common import emit, median_seconds  # noqa: E402
+
+CLIP, BITS = 3.0, 16
+
+
+def _key(purpose: "kernels.MaskPurpose") -> "kernels.MaskKey":
+    context = kernels.MaskContext(run_id="bench", round=1, purpose=purpose)
+    return kernels.derive_mask_key(os.urandom(32), context)
+
+
+def bench_keystream(n_words: int, repeat: int) -> dict[str, float]:
+    key, nonce = os.urandom(32), os.urandom(12)
+    zeros = bytes(4 * n_words)
+
+    def raw() -> bytes:
+        cipher = Cipher(algorithms.ChaCha20(key, bytes(4) + nonce), mode=None)
+        return cipher.encryptor().update(zeros)
+
+    ours = median_seconds(lambda: kernels.chacha20_keystream(key, nonce, 0, n_words), repeat=repeat)
+    openssl = median_seconds(raw, repeat=repeat)
+    gb = 4 * n_words / 1e9
+    return {"keystream_vs_openssl": openssl / ours, "keystream_gbps": gb / ours,
+            "openssl_raw_gbps": gb / openssl}
+
+
+def bench_quantize(n: int, repeat: int) -> dict[str, float]:
+    x = (torch.randn(n, generator=torch.Generator().manual_seed(0)) * 0.5).contiguous()
+    x_np = x.numpy()
+    key = _key(kernels.MaskPurpose.QUANTIZE_DITHER)
+    out = torch.empty(n, dtype=kernels.RING_DTYPE)
+    levels = (1 << BITS) - 1
+    ours = median_seconds(lambda: kernels.quantize(x, clip_range=CLIP, bits=BITS, key=key),
+                          repeat=repeat)
+    into = median_seconds(
+        lambda: kernels.quantize(x, clip_range=CLIP, bits=BITS, key=key, out=out), repeat=repeat
+    )
+    flower = median_seconds(
+        lambda: flower_quantize([x_np], CLIP, levels), repeat=max(3, repeat // 2)
+    )
+    return {"quantize_vs_flower": flower / ours, "quantize_melem_s": n / ours / 1e6,
+            "quantize_out_melem_s": n / into / 1e6, "flower_quantize_melem_s": n / flower / 1e6}
+
+
+def bench_mask(n: int, repeat: int) -> dict[str, float]:
+    key = _key(kernels.MaskPurpose.PAIRWISE_MASK)
+    x = torch.zeros(n, dtype=kernels.RING_DTYPE)
+    x64 = np.zeros(n, dtype=np.int64)
+    seed = os.urandom(32)
+
+    def flower() -> None:
+        mask = pseudo_rand_gen(seed, 1 << 32, [(n,)])[0]
+        np.add(x64, mask, out=x64)
+
+    ours = median_seconds(lambda: kernels.add_masks(x, [key], [1]), repeat=repeat)
+    three = median_seconds(lambda: kernels.add_masks(x, [key] * 3, [1, -1, 1]), repeat=repeat)
+    theirs = median_seconds(flower, repeat=repeat)
+    return {"mask_vs_flower": theirs / ours, "mask_gbps": 4 * n / ours / 1e9,
+            "mask_3keys_gbps": 3 * 4 * n / three / 1e9,
+            "flower_mask_gbps": 8 * n / theirs / 1e9}
+
+
+def bench_accumulate(n: int, repeat: int) -> dict[str, float]:
+    acc = torch.zeros(n, dtype=kernels.RING_DTYPE)
+    x = torch.ones(n, dtype=kernels.RING_DTYPE)
+    a_np, x_np = acc.numpy(), x.numpy()
+    ring = median_seconds(lambda: kernels.accumulate_ring(acc, x), repeat=repeat)
+    copy = median_seconds(lambda: np.copyto(a_np, x_np), repeat=repeat)
+    facc, fx = torch.zeros(n), torch.ones(n)
+    weighted = median_seconds(lambda: kernels.accumulate_weighted(facc, fx, 0.5), repeat=repeat)
+    gb = 4 * n / 1e9
+    return {"accumulate_vs_memcpy": copy / ring, "accumulate_ring_gbps": gb / ring,
+            "accumulate_weighted_gbps": gb / weighted, "copyto_gbps": gb / copy}
+
+
+def bench_noise(n: int, repeat: int) -> dict[str, float]:
+    key = _key(kernels.MaskPurpose.DP_NOISE)
+    reps = max(3, repeat // 2)
+    gauss = median_seconds(lambda: kernels.gaussian_noise(n, 1.0, key), repeat=reps)
+    discrete = median_seconds(lambda: kernels.discrete_gaussian_noise(n, 10.0, key), repeat=reps)
+    return {"gaussian_noise_melem_s": n / gauss / 1e6,
+            "discrete_gaussian_melem_s": n / discrete / 1e6}
+
+
+def bytes_per_param(n: int) -> dict[str, float]:
+    key = _key(kernels.MaskPurpose.QUANTIZE_DITHER)
+    q = kernels.quantize(torch.zeros(n), clip_range=CLIP, bits=BITS, key=key)
+    flower_masked = pseudo_rand_gen(os.urandom(32), 1 << 32, [(n,)])[0]
+    return {"bytes_per_param": q.element_size() * q.numel() / n,
+            "flower_bytes_per_param": flower_masked.itemsize}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print only the JSON line")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    scale, repeat = (10, 3) if args.quick else (1, 7)
+    figures: dict[str, object] = {"threads": torch.get_num_threads(), "gpu": "not measured: no "
+                                  "CUDA device in this run" if not torch.cuda.is_available()
+                                  else "not measured by this benchmark"}
+    figures |= bench_keystream((1 << 22) // scale, repeat)
+    figures |= bench_quantize(10**7 // scale, repeat)
+    figures |= bench_mask(4 * 10**6 // scale, repeat)
+    figures |= bench_accumulate(10**7 // scale, repeat)
+    figures |= bench_noise(10**6 // scale, repeat)
+    figures |= bytes_per_param(1000)
+    if not args.json:
+        print(f"privfed kernels benchmark, {torch.get_num_threads()} thread(s), medians")
+    emit({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()},
+         as_json=args.json)
+
+
+if __name__ == "__main__":
+    main()
