@@ -14,7 +14,12 @@ import numpy as np
 import torch
 
 from kernels._ring import RING_DTYPE, ring_to_unsigned
-from kernels.chacha20 import KeystreamReader, chacha20_keystream, check_stream_args
+from kernels.chacha20 import (
+    KeystreamReader,
+    chacha20_keystream,
+    check_stream_args,
+    reference_chacha20_keystream,
+)
 from kernels.keys import MaskKey
 
 MAX_DISCRETE_SIGMA = float(1 << 20)
@@ -84,8 +89,6 @@ def reference_gaussian_noise(n: int, sigma: float, key: MaskKey) -> torch.Tensor
 
 
 def _stream_bytes(key: MaskKey, n_words: int) -> bytes:
-    from kernels.chacha20 import reference_chacha20_keystream
-
     return reference_chacha20_keystream(key.key, key.nonce, 0, n_words).numpy().tobytes()
 
 

@@ -139,7 +139,7 @@ def quantize(
 
     Raises:
         TypeError, ValueError: wrong dtype/layout, bad ``clip_range``/``bits``/``key``, or
-            NaN in ``x``.
+            NaN in ``x`` (a given ``out`` may then be partly written).
     """
     g = grid(clip_range, bits)
     check_tensor(x, "x", torch.float32)
