@@ -53,7 +53,7 @@ def _training_seed(seed: int, server_round: int, site_id: int) -> int:
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the global model locally and reply with the new weights."""
-    config = RunConfig.from_flat(context.run_config)
+    config = RunConfig.from_flat(context.run_config, complete=True)
     data = site_data(config, context.node_config)
     server_round = _round_of(msg)
     if _drops_out(config, server_round, data.site_id):
@@ -71,7 +71,7 @@ def train_handler(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this site's validation hold-out."""
-    config = RunConfig.from_flat(context.run_config)
+    config = RunConfig.from_flat(context.run_config, complete=True)
     data = site_data(config, context.node_config)
     model = _model_for(config, data, msg)
     result = evaluate(model, data.val)

@@ -76,7 +76,7 @@ def build_strategy(config: RunConfig) -> FedAvg:
 def main(grid: Grid, context: Context) -> None:
     """Run the federation the run config describes."""
     started = time.perf_counter()
-    config = RunConfig.from_flat(context.run_config)
+    config = RunConfig.from_flat(context.run_config, complete=True)
     seed = config.federation.seed
     random.seed(seed)  # Flower's node sampling draws from `random`
     torch.manual_seed(seed)

@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import Strategy
 
 from server.reporting import RoundReport
 from shared.training import EvalResult
+from shared.wire import NUM_EXAMPLES
 
 log = logging.getLogger("privfed.server")
 
@@ -46,6 +47,11 @@ def _split_failures(replies: Iterable[Message], stage: str, rnd: int) -> tuple[l
         else:
             ok.append(msg)
     return ok, reasons
+
+
+def _num_examples(reply: Message) -> int:
+    metrics = next(iter(reply.content.metric_records.values()), None)
+    return int(metrics.get(NUM_EXAMPLES, 0)) if metrics is not None else 0  # type: ignore[arg-type]
 
 
 def _metric(record: MetricRecord | None, key: str) -> float:
@@ -95,6 +101,7 @@ def run_rounds(
             federated_loss=_metric(fed_metrics, "eval_loss"),
             clients_trained=len(replies),
             clients_failed=len(failures),
+            examples_trained=sum(_num_examples(m) for m in replies),
             seconds=time.perf_counter() - started,
             failures=failures + eval_failures,
         )

@@ -40,6 +40,7 @@ class RoundReport:
     federated_loss: float
     clients_trained: int
     clients_failed: int
+    examples_trained: int
     seconds: float
     failures: list[str] = field(default_factory=list)
 

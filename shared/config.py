@@ -188,18 +188,31 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     @classmethod
-    def from_flat(cls, flat: Mapping[str, Any], *, strict: bool = True) -> RunConfig:
+    def from_flat(
+        cls, flat: Mapping[str, Any], *, strict: bool = True, complete: bool = False
+    ) -> RunConfig:
         """Parse Flower's flat run config (``"section.key": value``).
 
         Args:
-            flat: dotted keys to scalar values; missing keys keep their defaults.
+            flat: dotted keys to scalar values; missing keys keep their defaults
+                unless ``complete``.
             strict: refuse keys this version does not know (a typo must not be
                 silently ignored).
+            complete: require every key. The apps parse with this: Flower always
+                fills a run config from the app's defaults, so a missing key means
+                the config never arrived, and defaults would silently stand in.
 
         Raises:
             ConfigError: an unknown key, a value of the wrong type, or a value out
                 of range; the message names the key.
         """
+        if complete:
+            missing = sorted(set(cls().to_flat()) - set(flat))
+            if missing:
+                raise ConfigError(
+                    f"run config is missing {len(missing)} key(s), e.g. {missing[0]!r}; "
+                    "was the app started without its run config?"
+                )
         sections: dict[str, dict[str, Any]] = {f.name: {} for f in fields(cls)}
         for key, value in flat.items():
             section, _, name = key.partition(".")

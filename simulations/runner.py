@@ -69,6 +69,9 @@ def run_on_ray(flat_config: Mapping[str, Any], num_sites: int, *, verbose: bool 
         server_app_context=context,
         app_dir=str(PROJECT_DIR),
         run=run,
+        # Without is_app, Flower registers the virtual sites' contexts with an
+        # empty run config (flwr 1.41 vce_api.start_vce).
+        is_app=True,
         verbose_logging=verbose,
     )
 
