@@ -18,7 +18,7 @@ from flwr.common.secure_aggregation.quantization import quantize as flower_quant
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen  # noqa: E402
 
 import kernels  # noqa: E402
-from benchmarks._common import emit, median_seconds  # noqa: E402
+from benchmarks._common import emit, median_seconds, paired_medians  # noqa: E402
 
 CLIP, BITS = 3.0, 16
 
@@ -36,8 +36,9 @@ def bench_keystream(n_words: int, repeat: int) -> dict[str, float]:
         cipher = Cipher(algorithms.ChaCha20(key, bytes(4) + nonce), mode=None)
         return cipher.encryptor().update(zeros)
 
-    ours = median_seconds(lambda: kernels.chacha20_keystream(key, nonce, 0, n_words), repeat=repeat)
-    openssl = median_seconds(raw, repeat=repeat)
+    ours, openssl = paired_medians(
+        lambda: kernels.chacha20_keystream(key, nonce, 0, n_words), raw, repeat=repeat
+    )
     gb = 4 * n_words / 1e9
     return {"keystream_vs_openssl": openssl / ours, "keystream_gbps": gb / ours,
             "openssl_raw_gbps": gb / openssl}
@@ -49,13 +50,11 @@ def bench_quantize(n: int, repeat: int) -> dict[str, float]:
     key = _key(kernels.MaskPurpose.QUANTIZE_DITHER)
     out = torch.empty(n, dtype=kernels.RING_DTYPE)
     levels = (1 << BITS) - 1
-    ours = median_seconds(lambda: kernels.quantize(x, clip_range=CLIP, bits=BITS, key=key),
-                          repeat=repeat)
-    into = median_seconds(
-        lambda: kernels.quantize(x, clip_range=CLIP, bits=BITS, key=key, out=out), repeat=repeat
-    )
-    flower = median_seconds(
-        lambda: flower_quantize([x_np], CLIP, levels), repeat=max(3, repeat // 2)
+    ours, into, flower = paired_medians(
+        lambda: kernels.quantize(x, clip_range=CLIP, bits=BITS, key=key),
+        lambda: kernels.quantize(x, clip_range=CLIP, bits=BITS, key=key, out=out),
+        lambda: flower_quantize([x_np], CLIP, levels),
+        repeat=repeat,
     )
     return {"quantize_vs_flower": flower / ours, "quantize_melem_s": n / ours / 1e6,
             "quantize_out_melem_s": n / into / 1e6, "flower_quantize_melem_s": n / flower / 1e6}
@@ -71,9 +70,8 @@ def bench_mask(n: int, repeat: int) -> dict[str, float]:
         mask = pseudo_rand_gen(seed, 1 << 32, [(n,)])[0]
         np.add(x64, mask, out=x64)
 
-    ours = median_seconds(lambda: kernels.add_masks(x, [key], [1]), repeat=repeat)
+    ours, theirs = paired_medians(lambda: kernels.add_masks(x, [key], [1]), flower, repeat=repeat)
     three = median_seconds(lambda: kernels.add_masks(x, [key] * 3, [1, -1, 1]), repeat=repeat)
-    theirs = median_seconds(flower, repeat=repeat)
     return {"mask_vs_flower": theirs / ours, "mask_gbps": 4 * n / ours / 1e9,
             "mask_3keys_gbps": 3 * 4 * n / three / 1e9,
             "flower_mask_gbps": 8 * n / theirs / 1e9}
@@ -83,8 +81,9 @@ def bench_accumulate(n: int, repeat: int) -> dict[str, float]:
     acc = torch.zeros(n, dtype=kernels.RING_DTYPE)
     x = torch.ones(n, dtype=kernels.RING_DTYPE)
     a_np, x_np = acc.numpy(), x.numpy()
-    ring = median_seconds(lambda: kernels.accumulate_ring(acc, x), repeat=repeat)
-    copy = median_seconds(lambda: np.copyto(a_np, x_np), repeat=repeat)
+    ring, copy = paired_medians(
+        lambda: kernels.accumulate_ring(acc, x), lambda: np.copyto(a_np, x_np), repeat=repeat
+    )
     facc, fx = torch.zeros(n), torch.ones(n)
     weighted = median_seconds(lambda: kernels.accumulate_weighted(facc, fx, 0.5), repeat=repeat)
     gb = 4 * n / 1e9
@@ -115,7 +114,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    scale, repeat = (10, 3) if args.quick else (1, 7)
+    scale, repeat = (10, 3) if args.quick else (1, 11)
     figures: dict[str, object] = {"threads": torch.get_num_threads(), "gpu": "not measured: no "
                                   "CUDA device in this run" if not torch.cuda.is_available()
                                   else "not measured by this benchmark"}
