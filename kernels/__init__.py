@@ -7,6 +7,10 @@ so ``import kernels`` never needs it (install ``privfed[gpu]`` on GPU machines).
 
 Ring convention: elements of Z_2^32 are ``torch.int32`` bit patterns (:data:`RING_DTYPE`);
 ``quantize`` output, masks, ``accumulate_ring`` and discrete noise all use it.
+
+Note: the function ``kernels.quantize`` shadows the module of the same name as an attribute;
+``from kernels.quantize import MAX_BITS`` works, ``import kernels.quantize as m`` binds the
+function. Prefer the names exported here (``kernels.MAX_BITS``).
 """
 
 from kernels._ring import RING_BITS, RING_DTYPE, RING_MODULUS, ring_to_unsigned, wrap_to_ring
@@ -26,7 +30,8 @@ from kernels.noise import (
     reference_discrete_gaussian_noise,
     reference_gaussian_noise,
 )
-from kernels.quantization import (
+from kernels.quantize import (
+    MAX_BITS,
     QuantizationGrid,
     check_ring_capacity,
     dequantization_error_bound,
@@ -38,6 +43,7 @@ from kernels.quantization import (
 )
 
 __all__ = [
+    "MAX_BITS",
     "RING_BITS",
     "RING_DTYPE",
     "RING_MODULUS",
