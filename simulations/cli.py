@@ -37,7 +37,7 @@ def _root() -> None:
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"privfed: error: {message}", markup=False, highlight=False)
+    sys.stderr.write(f"privfed: error: {' '.join(message.split())}\n")
     return typer.Exit(code)
 
 
