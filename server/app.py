@@ -27,7 +27,7 @@ from shared.models import get_model
 from shared.training import EvalResult, evaluate
 from shared.wire import NUM_EXAMPLES, from_record, to_record
 
-log = logging.getLogger("privfed.server")
+log = logging.getLogger("flwr.privfed.server")  # Flower's handlers and log stream
 
 app = ServerApp()
 

@@ -23,7 +23,7 @@ from server.reporting import RoundReport
 from shared.training import EvalResult
 from shared.wire import NUM_EXAMPLES
 
-log = logging.getLogger("privfed.server")
+log = logging.getLogger("flwr.privfed.server")  # Flower's handlers and log stream
 
 CentralEval = Callable[[ArrayRecord], EvalResult]
 
