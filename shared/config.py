@@ -134,24 +134,80 @@ class TrainConfig:
             raise ConfigError(f"train.momentum must be in [0, 1), got {self.momentum}")
 
 
+class Clipping(enum.StrEnum):
+    """Per-sample clipping engine for DP-SGD (same guarantee, different speed)."""
+
+    PRIVFED = "privfed"
+    HOOKS = "hooks"
+    GHOST = "ghost"
+
+
+class AccountantName(enum.StrEnum):
+    """Privacy accountants a simulated site may use."""
+
+    RDP = "rdp"
+    PRV = "prv"
+
+
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """Example-level differential privacy at each site (privacy-relevant)."""
+    """Example-level DP-SGD at each site (privacy-relevant).
+
+    ``noise_multiplier``, ``max_grad_norm`` and ``clipping`` are the server's
+    proposal for the run. ``epsilon``, ``delta`` and ``accountant`` are a *site's*
+    budget: a deployed site reads its budget from its own node config and
+    ignores these; only simulated sites (played by the researcher) take them.
+    """
 
     enabled: bool = False
+    noise_multiplier: float = 0.0
+    max_grad_norm: float = 1.0
+    clipping: Clipping = Clipping.PRIVFED
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    accountant: AccountantName = AccountantName.RDP
 
     def validate(self) -> None:
-        pass
+        if not self.noise_multiplier >= 0:
+            raise ConfigError(
+                f"privacy.noise_multiplier must be >= 0 (0: calibrate to the budget), "
+                f"got {self.noise_multiplier}"
+            )
+        if not 0 < self.max_grad_norm < float("inf"):
+            raise ConfigError(f"privacy.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if not 0 < self.epsilon < float("inf"):
+            raise ConfigError(f"privacy.epsilon must be > 0, got {self.epsilon}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"privacy.delta must be in (0, 1), got {self.delta}")
 
 
 @dataclass(frozen=True)
 class SecAggConfig:
-    """Secure aggregation (privacy-relevant)."""
+    """Secure aggregation, SecAgg+ (privacy-relevant).
+
+    ``k`` neighbours per site (0: every other sampled site, plain SecAgg) and
+    reconstruction threshold ``threshold`` (0: the smallest value > k/2 that
+    tolerates the most dropouts, i.e. floor(k/2) + 1). Updates are clipped to
+    ``[-clip_range, clip_range]`` per coordinate and quantized to ``bits`` bits;
+    a site's weight (its example count) is capped at ``max_weight``.
+    """
 
     enabled: bool = False
+    k: int = 0
+    threshold: int = 0
+    bits: int = 16
+    clip_range: float = 1.0
+    max_weight: int = 1000
 
     def validate(self) -> None:
-        pass
+        for key, value in (("secagg.k", self.k), ("secagg.threshold", self.threshold)):
+            if value < 0:
+                raise ConfigError(f"{key} must be >= 0 (0: automatic), got {value}")
+        if not 1 <= self.bits <= 24:
+            raise ConfigError(f"secagg.bits must be in 1..24, got {self.bits}")
+        if not 0 < self.clip_range < float("inf"):
+            raise ConfigError(f"secagg.clip_range must be > 0, got {self.clip_range}")
+        _positive("secagg.max_weight", self.max_weight)
 
 
 @dataclass(frozen=True)
