@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 from shared.models import model_names
+from shared.secagg.params import SecAggParams, max_weight_limit
 
 
 class ConfigError(ValueError):
@@ -74,6 +75,10 @@ class FederationConfig:
         _fraction("federation.fraction_train", self.fraction_train, allow_zero=False)
         _fraction("federation.fraction_evaluate", self.fraction_evaluate, allow_zero=True)
         _positive("federation.min_train", self.min_train)
+
+    def train_cohort(self) -> int:
+        """Sites sampled per training round when all ``clients`` are connected (FedAvg's rule)."""
+        return max(int(self.clients * self.fraction_train), min(self.min_train, self.clients))
 
 
 @dataclass(frozen=True)
@@ -209,12 +214,65 @@ class SecAggConfig:
             raise ConfigError(f"secagg.clip_range must be > 0, got {self.clip_range}")
         _positive("secagg.max_weight", self.max_weight)
 
+    def params_for(self, n: int) -> SecAggParams:
+        """The SecAgg+ parameters of a round with ``n`` sampled sites.
+
+        ``k = 0`` means ``n - 1``; when ``n * k`` is odd (no k-regular graph exists) ``k`` is
+        raised by one, which is always <= n - 1. ``threshold = 0`` means ``floor(k / 2) + 1``.
+
+        Raises:
+            ConfigError: one clear error naming the key at fault: fewer than 2 sites,
+                ``k > n - 1``, ``threshold`` not in ``(k/2, k]``, or ``bits`` and
+                ``max_weight`` letting the sum of n sites wrap 2**32.
+        """
+        if n < 2:
+            raise ConfigError(
+                f"secagg needs >= 2 sites per round, got {n} (federation.clients x "
+                "federation.fraction_train)"
+            )
+        if self.k > n - 1:
+            raise ConfigError(f"secagg.k must be <= sites per round - 1 = {n - 1}, got {self.k}")
+        k = self.k or n - 1
+        k += (n * k) % 2
+        t = self.threshold or k // 2 + 1
+        if not k / 2 < t <= k:
+            raise ConfigError(
+                f"secagg.threshold must be in (k/2, k] = ({k / 2}, {k}] for k={k} neighbours "
+                f"at {n} sites per round, got {t}"
+            )
+        limit = max_weight_limit(n, self.bits)
+        if self.max_weight > limit:
+            raise ConfigError(
+                f"secagg.max_weight={self.max_weight} with secagg.bits={self.bits} lets the sum "
+                f"of {n} sites wrap 2**32; use max_weight <= {limit} or fewer bits"
+            )
+        return SecAggParams(n=n, k=k, t=t, bits=self.bits, clip_range=self.clip_range,
+                            max_weight=self.max_weight)
+
+
+class DropoutStage(enum.StrEnum):
+    """Where a simulated site drops out of a round (``faults.dropout_stage``).
+
+    ``train``: during local training (the only stage without SecAgg). With SecAgg on, the
+    protocol stages: ``advertise`` (keys), ``share`` (key shares), ``collect`` (after
+    training, before the masked input is sent), ``unmask``; ``any`` draws one of these four
+    per dropped site and round.
+    """
+
+    TRAIN = "train"
+    ADVERTISE = "advertise"
+    SHARE = "share"
+    COLLECT = "collect"
+    UNMASK = "unmask"
+    ANY = "any"
+
 
 @dataclass(frozen=True)
 class FaultsConfig:
     """Faults a simulation injects so users can rehearse them."""
 
     dropout: float = 0.0
+    dropout_stage: DropoutStage = DropoutStage.TRAIN
 
     def validate(self) -> None:
         _fraction("faults.dropout", self.dropout, allow_zero=True, allow_one=False)
@@ -284,6 +342,8 @@ class RunConfig:
         config = cls(**parts)
         for part in parts.values():
             part.validate()
+        if config.secagg.enabled:  # refuse a bad combination before any round starts
+            config.secagg.params_for(config.federation.train_cohort())
         return config
 
     def to_flat(self) -> dict[str, Any]:
