@@ -10,14 +10,30 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.data import SiteData, site_data
+from client.ledger import BudgetExhaustedError
+from client.privacy import train_privately
 from shared.config import RunConfig
 from shared.models import get_model
 from shared.training import evaluate, make_loader, make_optimizer, train
-from shared.wire import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SERVER_ROUND, load_into, to_record
+from shared.wire import (
+    ARRAYS,
+    CONFIG,
+    ERROR_PRIVACY_BUDGET_EXHAUSTED,
+    METRICS,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    SERVER_ROUND,
+    SITE,
+    SITE_EPSILON,
+    SITE_NAME,
+    SITE_NAME_KEY,
+    load_into,
+    to_record,
+)
 
 app = ClientApp()
 
@@ -50,9 +66,17 @@ def _training_seed(seed: int, server_round: int, site_id: int) -> int:
     return int(np.random.SeedSequence([seed, server_round, site_id]).generate_state(1)[0])
 
 
+def _site_name(context: Context) -> str:
+    node_config = context.node_config
+    for key in (SITE_NAME_KEY, PARTITION_ID):
+        if key in node_config:
+            return str(node_config[key])
+    return str(context.node_id)
+
+
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
-    """Train the global model locally and reply with the new weights."""
+    """Train the global model locally (with DP-SGD if the run asks) and reply."""
     config = RunConfig.from_flat(context.run_config, complete=True)
     data = site_data(config, context.node_config)
     server_round = _round_of(msg)
@@ -61,10 +85,21 @@ def train_handler(msg: Message, context: Context) -> Message:
     model = _model_for(config, data, msg)
     seed = _training_seed(config.federation.seed, server_round, data.site_id)
     torch.manual_seed(seed)
-    loader = make_loader(data.train, config.train.batch_size, seed=seed, shuffle=True)
-    loss = train(model, loader, make_optimizer(model, config.train), config.train.epochs)
+    site = ConfigRecord({SITE_NAME: _site_name(context)})
+    if config.privacy.enabled:
+        try:
+            result = train_privately(model, data.train, config, context.node_config,
+                                     run_id=context.run_id, server_round=server_round, seed=seed)
+        except BudgetExhaustedError as exc:  # nothing trained; the server carries on
+            return Message(Error(ERROR_PRIVACY_BUDGET_EXHAUSTED, str(exc)), reply_to=msg)
+        state, loss = result.state, result.train_loss
+        site[SITE_EPSILON] = result.epsilon
+    else:
+        loader = make_loader(data.train, config.train.batch_size, seed=seed, shuffle=True)
+        loss = train(model, loader, make_optimizer(model, config.train), config.train.epochs)
+        state = model.state_dict()
     metrics = MetricRecord({"train_loss": loss, NUM_EXAMPLES: len(data.train)})
-    content = RecordDict({ARRAYS: to_record(model.state_dict()), METRICS: metrics})
+    content = RecordDict({ARRAYS: to_record(state), METRICS: metrics, SITE: site})
     return Message(content=content, reply_to=msg)
 
 

@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import Strategy
 
 from server.reporting import RoundReport
 from shared.training import EvalResult
-from shared.wire import NUM_EXAMPLES
+from shared.wire import NUM_EXAMPLES, SITE, SITE_EPSILON, SITE_NAME
 
 log = logging.getLogger("flwr.privfed.server")  # Flower's handlers and log stream
 
@@ -36,7 +36,9 @@ class LoopSettings:
     timeout: float = 3600.0
 
 
-def _split_failures(replies: Iterable[Message], stage: str, rnd: int) -> tuple[list[Message], list[str]]:
+def _split_failures(
+    replies: Iterable[Message], stage: str, rnd: int
+) -> tuple[list[Message], list[str]]:
     ok: list[Message] = []
     reasons: list[str] = []
     for msg in replies:
@@ -52,6 +54,17 @@ def _split_failures(replies: Iterable[Message], stage: str, rnd: int) -> tuple[l
 def _num_examples(reply: Message) -> int:
     metrics = next(iter(reply.content.metric_records.values()), None)
     return int(metrics.get(NUM_EXAMPLES, 0)) if metrics is not None else 0  # type: ignore[arg-type]
+
+
+def site_epsilons(replies: Iterable[Message]) -> dict[str, float]:
+    """The cumulative epsilon each replying site reports about itself (DP runs)."""
+    out: dict[str, float] = {}
+    for reply in replies:
+        site = reply.content.config_records.get(SITE)
+        if site is not None and SITE_EPSILON in site:
+            name = str(site.get(SITE_NAME, reply.metadata.src_node_id))
+            out[name] = float(site[SITE_EPSILON])  # type: ignore[arg-type]
+    return out
 
 
 def _metric(record: MetricRecord | None, key: str) -> float:
@@ -74,12 +87,14 @@ def run_rounds(
     metrics and the global model after it.
     """
     arrays = initial
+    epsilon: dict[str, float] = {}
     for rnd in range(1, settings.rounds + 1):
         started = time.perf_counter()
         messages = strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
         replies, failures = _split_failures(
             grid.send_and_receive(messages, timeout=settings.timeout), "train", rnd
         )
+        epsilon.update(site_epsilons(replies))
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         if new_arrays is None:
             log.warning("round %d: no update aggregated; the global model is unchanged", rnd)
@@ -104,6 +119,7 @@ def run_rounds(
             examples_trained=sum(_num_examples(m) for m in replies),
             seconds=time.perf_counter() - started,
             failures=failures + eval_failures,
+            epsilon=dict(sorted(epsilon.items())),
         )
         log.info("round %d: accuracy %.4f loss %.4f (%d sites trained, %d failed)",
                  rnd, report.accuracy, report.loss, report.clients_trained, report.clients_failed)

@@ -43,6 +43,8 @@ class RoundReport:
     examples_trained: int
     seconds: float
     failures: list[str] = field(default_factory=list)
+    #: Each site's cumulative privacy spend as it last reported it (DP runs only).
+    epsilon: dict[str, float] = field(default_factory=dict)
 
 
 def _clean(value: Any) -> Any:
@@ -89,7 +91,9 @@ class RunRecorder:
         import matplotlib.pyplot as plt
 
         rounds = [r.round for r in self.rounds]
-        fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+        sites = sorted({name for r in self.rounds for name in r.epsilon})
+        fig, axes = plt.subplots(1, 3 if sites else 2, figsize=(15 if sites else 10, 4))
+        ax_acc, ax_loss = axes[0], axes[1]
         ax_acc.plot(rounds, [r.accuracy for r in self.rounds], marker="o", label="global (test)")
         ax_acc.plot(rounds, [r.federated_accuracy for r in self.rounds], marker=".",
                     label="sites (validation)")
@@ -99,6 +103,12 @@ class RunRecorder:
         ax_loss.plot(rounds, [r.train_loss for r in self.rounds], marker=".", label="sites (train)")
         ax_loss.set(xlabel="round", ylabel="cross-entropy", title="Loss")
         ax_loss.legend()
+        for name in sites:
+            axes[2].plot(rounds, [r.epsilon.get(name, float("nan")) for r in self.rounds],
+                         marker=".", label=f"site {name}")
+        if sites:
+            axes[2].set(xlabel="round", ylabel="epsilon spent", title="Privacy spent per site")
+            axes[2].legend(fontsize="small", ncol=2)
         fig.tight_layout()
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=100)

@@ -7,6 +7,7 @@ change the loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,24 +44,34 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 
 
 def train(
-    model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, epochs: int
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    *,
+    criterion: Callable[..., torch.Tensor] | None = None,
+    step_on_empty: bool = False,
 ) -> float:
     """Run ``epochs`` passes of cross-entropy training; return the mean batch loss.
 
-    Returns NaN when the loader yields no batch (e.g. Poisson sampling drew none).
+    An empty batch is skipped unless ``step_on_empty``: DP-SGD with Poisson
+    sampling must take its (noise-only) step on an empty batch too, or the skip
+    itself would reveal that no example was sampled. Returns NaN when no batch
+    had examples.
     """
     model.train()
-    criterion = nn.CrossEntropyLoss()
+    criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
     losses: list[float] = []
     for _ in range(epochs):
         for x, y in loader:
-            if len(y) == 0:
+            if len(y) == 0 and not step_on_empty:
                 continue
             optimizer.zero_grad(set_to_none=True)
             loss = criterion(model(x), y)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss.detach()))
+            if len(y):
+                losses.append(float(loss.detach()))
     return float(np.mean(losses)) if losses else float("nan")
 
 

@@ -18,10 +18,22 @@ CONFIG = "config"
 METRICS = "metrics"
 NUM_EXAMPLES = "num-examples"
 SERVER_ROUND = "server-round"
+#: ConfigRecord in a train reply with facts about the site, not its data: ``name``
+#: and, with DP on, the site's cumulative ``epsilon`` (public by design: the site
+#: reports its spend; it is not averaged).
+SITE = "site"
+SITE_NAME = "name"
+SITE_EPSILON = "epsilon"
+
+#: Error code of a train reply refused because the site's privacy budget is spent
+#: (Flower's own codes are small integers; privfed's start at 1000).
+ERROR_PRIVACY_BUDGET_EXHAUSTED = 1001
 
 # Node-config keys a simulation sets for every virtual site.
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
+#: Node-config key of a deployed site's display name.
+SITE_NAME_KEY = "site-name"
 
 
 def to_record(state_dict: dict[str, torch.Tensor]) -> ArrayRecord:

@@ -65,6 +65,9 @@ class MetricsFollower:
 
     def _show(self, row: dict[str, object]) -> None:
         text = f"accuracy {_fmt(row.get('accuracy'))}  loss {_fmt(row.get('loss'))}"
+        epsilon = row.get("epsilon") or {}
+        if epsilon:
+            text += "  epsilon " + " ".join(f"{k}:{v:.2f}" for k, v in epsilon.items())  # type: ignore[union-attr]
         if row.get("clients_failed"):
             text += f"  [yellow]{row['clients_failed']} site(s) failed[/]"
         self._progress.console.print(f"round {row['round']:>3}/{self.rounds}  {text}")

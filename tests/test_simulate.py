@@ -107,3 +107,22 @@ def test_invalid_toml_scenario(tmp_path):
     bad = Path(tmp_path / "bad.toml")
     bad.write_text("[federation\n")
     _one_line_error(privfed("simulate", str(bad)), "not valid TOML")
+
+
+def test_smoke_with_privacy_reports_epsilon_per_site(tmp_path):
+    out = tmp_path / "dp"
+    result = privfed("simulate", str(SMOKE), "--out", str(out), "--set", "privacy.enabled=true",
+                     "--set", "privacy.epsilon=4.0", "--set", "data.samples=500")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [sorted(r["epsilon"]) for r in rows] == [["0", "1", "2"]] * 2
+    for site in ("0", "1", "2"):
+        first, last = rows[0]["epsilon"][site], rows[1]["epsilon"][site]
+        assert 0 < first < last <= 4.0
+        shown = privfed("ledger", "show", "--site-dir", str(out / "sites" / site), "--json")
+        assert shown.returncode == 0, shown.stderr
+        ledger = json.loads(shown.stdout)
+        assert ledger["budget"] == {"epsilon": 4.0, "delta": 1e-5}
+        assert ledger["spent_epsilon"] == pytest.approx(last)
+        assert [e["round"] for e in ledger["events"]] == [1, 1, 2, 2]
+    assert "epsilon 0:" in result.stdout  # the progress display shows it per site
