@@ -121,9 +121,8 @@ def _load_npz(path: Path) -> ArrayDataset:
                 "'y' labels"
             )
         x, y = npz["x"], npz["y"]
-    if not np.issubdtype(y.dtype, np.integer):
-        if not np.all(np.equal(np.mod(y, 1), 0)):
-            raise DataError(f"data file {path}: labels 'y' must be integers")
+    if not np.issubdtype(y.dtype, np.integer) and not np.all(np.equal(np.mod(y, 1), 0)):
+        raise DataError(f"data file {path}: labels 'y' must be integers")
     return ArrayDataset(x.astype(np.float32), y.astype(np.int64).reshape(-1))
 
 

@@ -44,7 +44,9 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 @app.command()
 def simulate(
     scenario: Annotated[Path, typer.Argument(help="scenario TOML file")] = DEFAULT_SCENARIO,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override: section.key=value")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="output folder")] = None,
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,

@@ -21,7 +21,7 @@ def test_digits_are_bundled():
     data = load_digits()
     assert data.train.x.shape[1:] == (1, 8, 8)
     assert len(data.train) + len(data.test) == 1797
-    assert 0.0 <= data.train.x.min() and data.train.x.max() <= 1.0
+    assert data.train.x.min() >= 0.0 and data.train.x.max() <= 1.0
 
 
 def test_npz_site_file(tmp_path):

@@ -1,10 +1,12 @@
 """`flwr run .` against a local simulation federation (a detached SuperLink we stop by PID)."""
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -42,10 +44,8 @@ def flwr_home(tmp_path):
     )
     yield home
     for pid in pids_mentioning(str(home)):  # the detached SuperLink `flwr run` started
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(os.getpgid(pid), signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + 20
     while pids_mentioning(str(home)) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -55,8 +55,10 @@ def flwr_home(tmp_path):
 
 def test_flwr_run_dot_on_a_local_simulation_federation(flwr_home, tmp_path):
     out = tmp_path / "run"
+    bin_dir = Path(sys.executable).parent  # flwr and flower-superlink live beside python
     env = {
         **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         "FLWR_HOME": str(flwr_home),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -66,7 +68,7 @@ def test_flwr_run_dot_on_a_local_simulation_federation(flwr_home, tmp_path):
     }
     run_config = f"federation.clients=3 federation.rounds=2 data.samples=500 output.dir='{out}'"
     result = subprocess.run(
-        ["flwr", "run", ".", "--stream", "--run-config", run_config,
+        [str(bin_dir / "flwr"), "run", ".", "--stream", "--run-config", run_config,
          "--federation-config", "num-supernodes=3"],
         cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=300,
     )
