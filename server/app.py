@@ -109,6 +109,7 @@ def main(grid: Grid, context: Context) -> None:
             "final_accuracy": last.accuracy if last else None,
             "final_loss": last.loss if last else None,
             "rounds_completed": len(recorder.rounds),
+            "epsilon": last.epsilon if last else {},
             "wall_seconds": time.perf_counter() - started,
             "config": config.to_flat(),
         }

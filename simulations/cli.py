@@ -74,9 +74,9 @@ def simulate(
 
 def summary_view(summary: dict[str, object]) -> dict[str, object]:
     """The headline figures of a summary (what the main job prints last)."""
-    keys = ("final_accuracy", "centralized_accuracy", "rounds_completed", "wall_seconds",
-            "out_dir")
-    return {k: summary[k] for k in keys if k in summary}
+    keys = ("final_accuracy", "centralized_accuracy", "epsilon", "rounds_completed",
+            "wall_seconds", "out_dir")
+    return {k: summary[k] for k in keys if summary.get(k) not in (None, {})}
 
 
 def _mount_optional_commands() -> None:
