@@ -250,6 +250,15 @@ class SecAggConfig:
                             max_weight=self.max_weight)
 
 
+class Misbehaviour(enum.StrEnum):
+    """What a simulated byzantine site sends (``[faults] byzantine_kind``)."""
+
+    NAN = "nan"
+    SHAPE = "shape"
+    NORM = "norm"
+    CRASH = "crash"
+
+
 class DropoutStage(enum.StrEnum):
     """Where a simulated site drops out of a round (``faults.dropout_stage``).
 
@@ -273,19 +282,65 @@ class FaultsConfig:
 
     dropout: float = 0.0
     dropout_stage: DropoutStage = DropoutStage.TRAIN
+    #: Fraction of sites that misbehave every round, and how (:class:`Misbehaviour`).
+    byzantine: float = 0.0
+    byzantine_kind: Misbehaviour = Misbehaviour.NAN
 
     def validate(self) -> None:
         _fraction("faults.dropout", self.dropout, allow_zero=True, allow_one=False)
+        _fraction("faults.byzantine", self.byzantine, allow_zero=True, allow_one=False)
+
+
+class Aggregation(enum.StrEnum):
+    """How the server combines the accepted updates."""
+
+    FEDAVG = "fedavg"
+    MEDIAN = "median"
+    TRIMMED_MEAN = "trimmed_mean"
+
+
+@dataclass(frozen=True)
+class RobustConfig:
+    """Reply validation and robust aggregation (without SecAgg; see server/robust.py).
+
+    ``max_update_norm`` rejects a reply whose update (reply - global) is longer;
+    ``norm_bound`` scales longer updates down to it before aggregating; 0 switches
+    either off. ``max_examples`` rejects a larger claimed example count (0: off).
+    """
+
+    aggregation: Aggregation = Aggregation.FEDAVG
+    trim_fraction: float = 0.2
+    norm_bound: float = 0.0
+    max_update_norm: float = 0.0
+    max_examples: int = 0
+
+    def validate(self) -> None:
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"robust.trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
+        for key, value in (("robust.norm_bound", self.norm_bound),
+                           ("robust.max_update_norm", self.max_update_norm),
+                           ("robust.max_examples", self.max_examples)):
+            if not 0 <= value < float("inf"):
+                raise ConfigError(f"{key} must be >= 0 (0: off), got {value}")
 
 
 @dataclass(frozen=True)
 class OutputConfig:
-    """Where the server writes metrics, plots and the final model (empty: no files)."""
+    """Where the server writes metrics, plots, checkpoints and the final model.
+
+    ``dir`` empty means ``~/.privfed/runs/<run-id>``. The server checkpoints after
+    every completed round and keeps the last ``checkpoint_keep``; ``resume``
+    continues the run in ``dir`` from its last good checkpoint.
+    """
 
     dir: str = ""
+    checkpoint_keep: int = 3
+    resume: bool = False
 
     def validate(self) -> None:
-        pass
+        _positive("output.checkpoint_keep", self.checkpoint_keep)
+        if self.resume and not self.dir:
+            raise ConfigError("output.resume needs output.dir (the run folder to resume)")
 
 
 @dataclass(frozen=True)
@@ -299,6 +354,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     @classmethod

@@ -24,6 +24,7 @@ SERVER_ROUND = "server-round"
 SITE = "site"
 SITE_NAME = "name"
 SITE_EPSILON = "epsilon"
+SITE_ROUND = "round"
 
 #: Error code of a train reply refused because the site's privacy budget is spent
 #: (Flower's own codes are small integers; privfed's start at 1000).
