@@ -1,0 +1,70 @@
+"""Robust aggregation without SecAgg: update norm bounding and median / trimmed mean.
+
+Norm bounding scales every accepted update ``u = reply - global`` with
+``||u|| > bound`` down to length ``bound`` (direction kept; ``||u|| = 0`` and updates
+within the bound are untouched), so no single site can move the model further
+than ``bound``. The coordinate-wise median and trimmed mean are Flower's
+``FedMedian`` and ``FedTrimmedAvg``. Under SecAgg the server never sees an
+individual update: bounding happens on the client before encoding and the server
+refuses these strategies (see ``server/secagg.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
+
+from server.validation import update_norm
+from shared.config import Aggregation, RunConfig
+from shared.wire import ARRAYS
+
+
+def bound_update(
+    arrays: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.ndarray], bound: float
+) -> tuple[dict[str, np.ndarray], float]:
+    """``global + u * min(1, bound / ||u||)`` and ``||u||`` (float entries only).
+
+    Requires finite arrays (validate first). Integer entries are passed through.
+    """
+    norm = update_norm(arrays, global_arrays)
+    scale = 1.0 if norm <= bound or norm == 0 else bound / norm
+    if scale == 1.0:
+        return dict(arrays), norm
+    out = {}
+    for key, value in arrays.items():
+        if np.issubdtype(value.dtype, np.floating):
+            base = global_arrays[key]
+            out[key] = (base + (value - base) * scale).astype(value.dtype)
+        else:
+            out[key] = value
+    return out, norm
+
+
+def bound_replies(
+    replies: list[Message], global_arrays: Mapping[str, np.ndarray], bound: float
+) -> int:
+    """Norm-bound every reply's model in place; return how many were scaled down."""
+    if not bound > 0 or math.isinf(bound):
+        return 0
+    scaled = 0
+    for reply in replies:
+        arrays = {k: v.numpy() for k, v in reply.content.array_records[ARRAYS].items()}
+        bounded, norm = bound_update(arrays, global_arrays, bound)
+        if norm > bound:
+            scaled += 1
+            reply.content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in bounded.items()})
+    return scaled
+
+
+def aggregation_strategy(config: RunConfig, **kwargs: object) -> FedAvg:
+    """FedAvg, or Flower's coordinate-wise median / trimmed mean, as ``[robust]`` says."""
+    method = config.robust.aggregation
+    if method is Aggregation.MEDIAN:
+        return FedMedian(**kwargs)  # type: ignore[arg-type]
+    if method is Aggregation.TRIMMED_MEAN:
+        return FedTrimmedAvg(beta=config.robust.trim_fraction, **kwargs)  # type: ignore[arg-type]
+    return FedAvg(**kwargs)  # type: ignore[arg-type]
