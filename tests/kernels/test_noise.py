@@ -1,4 +1,4 @@
-"""DP noise from ChaCha20: moments, exact pmf, symmetry, reference equality, refusals."""
+"""DP noise from ChaCha20: moments, tails, exact pmf, symmetry, reference equality, refusals."""
 
 import math
 
@@ -14,6 +14,8 @@ from kernels import (
     reference_discrete_gaussian_noise,
     reference_gaussian_noise,
 )
+from kernels.chacha20 import chacha20_keystream
+from kernels.noise import GAUSS_RUN, _gaussian_numpy, _gaussian_torch, _GaussScratch
 from tests.kernels.conftest import SIZES, make_key
 
 DRAWS = 10**6
@@ -41,6 +43,46 @@ def test_gaussian_moments(sigma):
     assert abs(kurtosis - 3.0) < 5 * math.sqrt(96 / DRAWS)  # var of z^4/sigma^4 is 96
 
 
+def test_gaussian_tails_and_pair_independence():
+    z = gaussian_noise(DRAWS, 1.0, _key("tails")).double()
+    for t in (2.0, 3.0, 4.0):
+        p = math.erfc(t / math.sqrt(2))
+        observed = (z.abs() > t).double().mean().item()
+        assert abs(observed - p) < 5 * math.sqrt(p * (1 - p) / DRAWS), (t, observed, p)
+    runs = DRAWS // (2 * GAUSS_RUN)
+    pairs = z[: runs * 2 * GAUSS_RUN].view(runs, 2, GAUSS_RUN)  # r cos, r sin of one pair
+    corr = (pairs[:, 0] * pairs[:, 1]).mean().item()  # uncorrelated: E[z1 z2] = 0, sd 1
+    assert abs(corr) < 5 / math.sqrt(runs * GAUSS_RUN)
+    assert z.abs().max().item() <= 9.42
+
+
+def _words(m_bits: int, angle: int) -> torch.Tensor:
+    """One run whose every pair has low-63-bit radius word ``m_bits`` and angle ``angle``."""
+    w = torch.zeros(1, 3 * GAUSS_RUN, dtype=torch.int64)
+    w[0, 0 : 2 * GAUSS_RUN : 2] = m_bits & 0xFFFFFFFF
+    w[0, 1 : 2 * GAUSS_RUN : 2] = m_bits >> 32
+    w[0, 2 * GAUSS_RUN :] = angle
+    return w.to(torch.int32)  # wraps to the int32 bit patterns
+
+
+@pytest.mark.parametrize(("m_bits", "angle", "radius"), [
+    (0, 0, math.sqrt(128 * math.log(2))),  # smallest uniform: the largest radius, finite
+    ((1 << 63) - 1, 1 << 30, 0.0),  # largest uniform: radius 0, never NaN
+    (1 << 62, -(1 << 31), math.sqrt(2 * math.log(2))),  # u = 1/2, theta = -pi
+])
+def test_gaussian_transform_edges_cpu_and_torch_paths(m_bits, angle, radius):
+    words = _words(m_bits, angle)
+    out = np.empty((1, 2, GAUSS_RUN), dtype=np.float32)
+    _gaussian_numpy(words.numpy().view(np.uint32).copy(), 2.0, out, _GaussScratch(1))
+    via_torch = _gaussian_torch(words, 2.0)
+    theta = angle * math.pi / 2**31
+    want = torch.tensor([2 * radius * math.cos(theta), 2 * radius * math.sin(theta)])
+    for got in (torch.from_numpy(out), via_torch):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got[0, :, 0], want, rtol=1e-6, atol=1e-6)
+        assert (got == got[:, :, :1]).all()
+
+
 @pytest.mark.parametrize("sigma", [0.8, 3.0, 40.0])
 def test_discrete_gaussian_moments_and_pmf(sigma):
     z = discrete_gaussian_noise(DRAWS, sigma, _key(f"d{sigma}"))
@@ -65,12 +107,34 @@ def test_discrete_gaussian_is_symmetric():
         assert abs(pos - neg) < 5 * math.sqrt(pos + neg), (k, pos, neg)
 
 
+def _assert_near_reference(got: torch.Tensor, ref: torch.Tensor, sigma: float) -> None:
+    """The documented bound: within 2e-6 * (sigma + |z|) of the float64 reference."""
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    err = (got.double() - ref.double()).abs()
+    assert (err <= 2e-6 * (sigma + ref.double().abs())).all(), err.max().item()
+
+
 @pytest.mark.parametrize("n", SIZES[:-1])
 def test_gaussian_matches_reference(n):
     key = _key(f"gr{n}")
-    torch.testing.assert_close(
-        gaussian_noise(n, 1.7, key), reference_gaussian_noise(n, 1.7, key), rtol=1e-6, atol=1e-7
-    )
+    _assert_near_reference(gaussian_noise(n, 1.7, key), reference_gaussian_noise(n, 1.7, key), 1.7)
+
+
+@pytest.mark.parametrize("sigma", [1e-3, 1.0, 250.0])
+def test_gaussian_torch_path_matches_reference(sigma):
+    """The path CUDA uses, run on CPU tensors: the same transform as the numpy fast path."""
+    key, n = _key(f"gt{sigma}"), 3 * GAUSS_RUN + 5
+    runs = -(-n // (2 * GAUSS_RUN))
+    words = chacha20_keystream(key.key, key.nonce, 0, 3 * GAUSS_RUN * runs)
+    got = _gaussian_torch(words.view(runs, -1), sigma).reshape(-1)[:n]
+    _assert_near_reference(got, reference_gaussian_noise(n, sigma, key), sigma)
+
+
+def test_gaussian_is_prefix_stable_across_chunks():
+    key = _key("gprefix")
+    big = gaussian_noise(2 * GAUSS_RUN * 200 + 7, 1.0, key)  # several CPU chunks
+    assert torch.equal(gaussian_noise(10, 1.0, key), big[:10])
+    assert torch.equal(gaussian_noise(2 * GAUSS_RUN * 70, 1.0, key), big[: 2 * GAUSS_RUN * 70])
 
 
 @pytest.mark.parametrize("n", SIZES[:-1])
