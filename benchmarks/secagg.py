@@ -1,0 +1,219 @@
+"""SecAgg+ round cost: plain FedAvg vs Flower's stock SecAgg+ vs privfed SecAgg+.
+
+``python -m benchmarks.secagg [--json] [--clients 20] [--rounds 6]``
+
+Round arms (``benchmarks._secagg_arms``, each in its own process so RSS is per arm) run on
+Flower's Simulation Engine (Ray, 2 CPUs) with the same InMemoryGrid transport and poll
+interval: a 1M-parameter linear model, one local SGD step, no evaluation, all sites every
+round. Stock SecAgg+ uses num_shares = k + 1 (odd: Flower 1.41 crashes on an even
+num_shares < N) and privfed the same k neighbours and threshold. Round time: median over
+rounds 2..R-1 (round 1 sets up keys and starts Ray; privfed's last round sets up nothing).
+
+In process, 1 thread: client encode (clip, quantize, weight, k + 1 masks) and server
+unmask + decode per 1M parameters for both implementations, and the unmask stage alone for
+100 clients at t = 26 (k + 1 = 39 share holders).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from benchmarks._common import emit, median_seconds
+from shared.secagg import SecAggClient, SecAggParams, SecAggServer, decode, encode
+from shared.secagg.contract import Direction, parse
+
+D = 1_000_000
+
+
+def _wire(msg, direction):
+    return parse(msg.to_dict(), direction)
+
+
+def privfed_session(n: int, k: int, t: int, d: int = D):
+    """Run stages 1-2 for n clients; return (server, clients, collect ins, params)."""
+    params = SecAggParams(n=n, k=k, t=t, bits=16, clip_range=1.0, max_weight=600)
+    server = SecAggServer(params, 7, 1, n_params=d, n_metrics=1)
+    clients = [SecAggClient(7, 1) for _ in range(n)]
+    for make, act in ((server.advertise_keys_ins, lambda c, m: c.advertise_keys(m)),
+                      (server.share_keys_ins, lambda c, m: c.share_keys(m))):  # fmt: skip
+        for u, ins in make().items():
+            server.receive(_wire(act(clients[u], _wire(ins, Direction.INS)), Direction.RES))
+    return server, clients, server.collect_masked_ins(), params
+
+
+def privfed_micro(n: int, k: int, t: int) -> dict[str, float]:
+    """Client encode + mask, and server unmask + decode, per 1M parameters (ms)."""
+    server, clients, ins, params = privfed_session(n, k, t)
+    update = np.random.default_rng(0).normal(0, 0.01, D).astype(np.float32)
+    state = clients[0].to_local_state()
+
+    def client_encode():
+        c = SecAggClient.from_local_state(state)
+        c.collect_masked(ins[0], encode(update, 8, params, metrics=np.array([1.0])))
+
+    encode_s = median_seconds(client_encode, repeat=5, warmup=1)
+    vec = encode(update, 8, params, metrics=np.array([1.0]))
+    for u, c in enumerate(clients):
+        server.receive(_wire(c.collect_masked(ins[u], vec), Direction.RES))
+    unmask = server.unmask_ins()
+    for u, c in enumerate(clients):
+        server.receive(_wire(c.unmask(unmask[u]), Direction.RES))
+
+    def server_decode():
+        s = copy.deepcopy(server)
+        t0 = time.perf_counter()
+        decode(s.finalize(), params, D, 1)
+        return time.perf_counter() - t0
+
+    decode_s = statistics.median(server_decode() for _ in range(3))
+    return {"encode_ms": 1e3 * encode_s, "decode_ms": 1e3 * decode_s}
+
+
+def privfed_unmask_100(t: int = 26, k: int = 38, d: int = D) -> float:
+    """Server unmask stage alone (reconstruct 100 seeds, remove 100 self masks) in ms."""
+    n = 100
+    server, clients, ins, params = privfed_session(n, k, t, d)
+    vec = np.zeros(d + 2, dtype=np.uint32)
+    for u, c in enumerate(clients):
+        server.receive(_wire(c.collect_masked(ins[u], vec), Direction.RES))
+    unmask = server.unmask_ins()
+    for u, c in enumerate(clients):
+        server.receive(_wire(c.unmask(unmask[u]), Direction.RES))
+    s = copy.deepcopy(server)
+    t0 = time.perf_counter()
+    s.finalize()
+    return 1e3 * (time.perf_counter() - t0)
+
+
+def stock_micro(n: int, k: int, t: int, unmask_clients: int | None = None) -> dict[str, float]:
+    """Flower 1.41 SecAgg+ pieces, as its mod and workflow call them (ms per 1M params)."""
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+    from flwr.common.secure_aggregation.ndarrays_arithmetic import (
+        factor_combine,
+        factor_extract,
+        parameters_addition,
+        parameters_mod,
+        parameters_multiply,
+        parameters_subtraction,
+    )
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+
+    mod, qrange, clip, dims = 1 << 32, 1 << 22, 8.0, [(1,), (D,)]  # weight factor, vector
+    params = [np.random.default_rng(0).normal(0, 0.01, D).astype(np.float32)]
+    seeds = [secrets.token_bytes(32) for _ in range(k + 1)]
+
+    def client_encode():
+        q_ratio = round(100 / 1000 * qrange)
+        p = parameters_multiply(params, q_ratio / qrange)
+        q = factor_combine(q_ratio, quantize(p, clip, qrange))
+        q = parameters_addition(q, pseudo_rand_gen(seeds[0], mod, dims))
+        for i, seed in enumerate(seeds[1:]):
+            m = pseudo_rand_gen(seed, mod, dims)
+            q = parameters_addition(q, m) if i % 2 else parameters_subtraction(q, m)
+        return parameters_mod(q, mod)
+
+    encode_s = median_seconds(client_encode, repeat=3, warmup=1)
+    masked = client_encode()
+
+    def unmask(clients: int) -> float:
+        shares = [create_shares(secrets.token_bytes(32), t, k + 1)[:t] for _ in range(clients)]
+        t0 = time.perf_counter()
+        total = masked
+        for share_list in shares:
+            seed = combine_shares(share_list)
+            total = parameters_subtraction(total, pseudo_rand_gen(seed, mod, dims))
+        total = parameters_mod(total, mod)
+        return time.perf_counter() - t0, total
+
+    decode_s, total = unmask(n)
+    t0 = time.perf_counter()
+    ratio, vec = factor_extract(total)
+    dequantize(vec, clip, qrange)
+    decode_s += time.perf_counter() - t0
+    out = {"encode_ms": 1e3 * encode_s, "decode_ms": 1e3 * decode_s}
+    if unmask_clients:
+        out["unmask_100_ms"] = 1e3 * unmask(unmask_clients)[0]
+    return out
+
+
+def run_arm(arm: str, n: int, rounds: int, k: int, t: int, poll: float) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks._secagg_arms", arm, str(n), str(rounds), "1000",
+           "1000", str(k), str(t), str(poll)]  # fmt: skip
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    match = re.search(r"^RESULT (.*)$", proc.stdout, re.M)
+    if match is None:
+        raise RuntimeError(f"arm {arm} N={n} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(match.group(1))
+
+
+def shares_for(n: int) -> tuple[int, int]:
+    """Neighbours k (k + 1 odd and < n, as stock needs) and threshold t = round(2(k+1)/3)."""
+    k = min(n - 2, 10)
+    k -= k % 2
+    return k, max(2, round(2 * (k + 1) / 3))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--clients", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--poll", type=float, default=0.01)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    figures: dict[str, object] = {"clients": args.clients, "rounds": args.rounds, "d": 1_001_000,
+                                  "poll_interval_s": args.poll, "threads": 1}  # fmt: skip
+    arms: dict[tuple[str, int], dict] = {}
+    for n in sorted({10, args.clients}):
+        k, t = shares_for(n)
+        for arm in ("plain", "stock", "privfed"):
+            arms[(arm, n)] = run_arm(arm, n, args.rounds, k, t, args.poll)
+            r = arms[(arm, n)]
+            print(f"# {arm:8s} N={n:3d} k={k} t={t} round_s={r['round_s']} "
+                  f"peak={r['server_peak_mib']} MiB", file=sys.stderr)  # fmt: skip
+    n = args.clients
+    k, t = shares_for(n)
+    plain, stock, ours = (arms[(a, n)]["median_round_s"] for a in ("plain", "stock", "privfed"))
+    mine, theirs = privfed_micro(n, k, t), stock_micro(n, k, t, unmask_clients=100)
+    figures.update({
+        "k": k, "threshold": t,
+        "plain_round_s": plain, "stock_round_s": stock, "privfed_round_s": ours,
+        "round_trips_per_round": statistics.median(arms[("privfed", n)]["round_trips"][1:]),
+        "round_trips_round1": arms[("privfed", n)]["round_trips"][0],
+        "stock_round_trips_per_round": 4,
+        "encode_ms": round(mine["encode_ms"], 1), "stock_encode_ms": round(theirs["encode_ms"], 1),
+        "decode_ms": round(mine["decode_ms"], 1), "stock_decode_ms": round(theirs["decode_ms"], 1),
+        "unmask_100_clients_t26_ms": round(privfed_unmask_100(), 1),
+        "stock_unmask_100_clients_t26_ms": round(theirs["unmask_100_ms"], 1),
+    })  # fmt: skip
+    for arm in ("plain", "stock", "privfed"):
+        sizes = arms[(arm, n)]["reply_bytes"]
+        key = "upload_bytes_per_param" if arm == "privfed" else f"{arm}_upload_bytes_per_param"
+        figures[key] = round(max(sizes) / 1_001_000, 3) if sizes else None
+        for m in sorted({10, n}):
+            a = arms[(arm, m)]
+            prefix = "" if arm == "privfed" else f"{arm}_"
+            figures[f"{prefix}server_peak_mb_{m}"] = a["server_peak_mib"]
+            figures[f"{prefix}server_growth_mb_{m}"] = round(
+                a["server_peak_mib"] - a["server_start_mib"], 1)
+    figures["stock_vs_plain"] = round(stock / plain, 2)
+    figures["privfed_vs_plain"] = round(ours / plain, 2)
+    emit(figures, as_json=args.json)
+
+
+if __name__ == "__main__":
+    main()
