@@ -14,9 +14,11 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from client.data import SiteData, site_data
+from client.faults import dropout_stage
 from client.ledger import BudgetExhaustedError
 from client.privacy import train_privately
-from shared.config import RunConfig
+from client.secagg_mod import secagg_mod
+from shared.config import DropoutStage, RunConfig
 from shared.models import get_model
 from shared.training import evaluate, make_loader, make_optimizer, train
 from shared.wire import (
@@ -35,7 +37,7 @@ from shared.wire import (
     to_record,
 )
 
-app = ClientApp()
+app = ClientApp(mods=[secagg_mod])  # SecAgg+ stages; plain train messages pass through
 
 
 class SimulatedDropout(RuntimeError):
@@ -54,11 +56,8 @@ def _model_for(config: RunConfig, data: SiteData, msg: Message) -> torch.nn.Modu
 
 
 def _drops_out(config: RunConfig, server_round: int, site_id: int) -> bool:
-    """Whether this site drops out of this round: a seeded, reproducible draw."""
-    if config.faults.dropout <= 0:
-        return False
-    rng = np.random.default_rng([config.federation.seed, server_round, site_id, 0xD409])
-    return bool(rng.random() < config.faults.dropout)
+    """Whether this site drops out of this round while training (``client.faults``)."""
+    return dropout_stage(config, server_round, site_id) is DropoutStage.TRAIN
 
 
 def _training_seed(seed: int, server_round: int, site_id: int) -> int:

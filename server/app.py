@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from server.loop import LoopSettings, run_rounds
 from server.reporting import RoundReport, RunRecorder
+from server.secagg import SecAggPlus
 from shared.config import RunConfig
 from shared.data import load
 from shared.models import get_model
@@ -92,11 +93,16 @@ def main(grid: Grid, context: Context) -> None:
     def on_round(report: RoundReport, _arrays: ArrayRecord) -> None:
         recorder.record_round(report)
 
+    strategy = build_strategy(config)
+    settings = LoopSettings(rounds=config.federation.rounds)
+    if config.secagg.enabled:
+        strategy = SecAggPlus(strategy, config.secagg, timeout=settings.timeout,
+                              expected_sites=config.federation.train_cohort())  # fmt: skip
     final = run_rounds(
-        build_strategy(config),
+        strategy,
         grid,
         to_record(model.state_dict()),
-        LoopSettings(rounds=config.federation.rounds),
+        settings,
         central_eval,
         on_round,
     )

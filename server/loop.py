@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from server.reporting import RoundReport
+from server.secagg import SecAggPlus, TrainOutcome
 from shared.training import EvalResult
 from shared.wire import NUM_EXAMPLES, SITE, SITE_EPSILON, SITE_NAME
 
@@ -73,8 +74,22 @@ def _metric(record: MetricRecord | None, key: str) -> float:
     return float(record[key])  # type: ignore[arg-type]
 
 
+def _train_round(
+    strategy: Strategy, rnd: int, arrays: ArrayRecord, grid: Grid, settings: LoopSettings
+) -> TrainOutcome:
+    """A plain training round: the strategy sees every reply."""
+    messages = strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
+    replies, failures = _split_failures(
+        grid.send_and_receive(messages, timeout=settings.timeout), "train", rnd
+    )
+    new_arrays, metrics = strategy.aggregate_train(rnd, replies)
+    return TrainOutcome(new_arrays, metrics, trained=len(replies), failed=len(failures),
+                        examples=sum(_num_examples(m) for m in replies),
+                        failures=failures, replies=replies, round_trips=1)  # fmt: skip
+
+
 def run_rounds(
-    strategy: Strategy,
+    strategy: Strategy | SecAggPlus,
     grid: Grid,
     initial: ArrayRecord,
     settings: LoopSettings,
@@ -90,16 +105,15 @@ def run_rounds(
     epsilon: dict[str, float] = {}
     for rnd in range(1, settings.rounds + 1):
         started = time.perf_counter()
-        messages = strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
-        replies, failures = _split_failures(
-            grid.send_and_receive(messages, timeout=settings.timeout), "train", rnd
-        )
-        epsilon.update(site_epsilons(replies))
-        new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
-        if new_arrays is None:
+        if isinstance(strategy, SecAggPlus):
+            train = strategy.train_round(rnd, arrays, grid, last=rnd == settings.rounds)
+        else:
+            train = _train_round(strategy, rnd, arrays, grid, settings)
+        epsilon.update(site_epsilons(train.replies))
+        if train.arrays is None:
             log.warning("round %d: no update aggregated; the global model is unchanged", rnd)
         else:
-            arrays = new_arrays
+            arrays = train.arrays
 
         eval_messages = strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid)
         eval_replies, eval_failures = _split_failures(
@@ -111,14 +125,14 @@ def run_rounds(
             round=rnd,
             accuracy=central.accuracy,
             loss=central.loss,
-            train_loss=_metric(train_metrics, "train_loss"),
+            train_loss=_metric(train.metrics, "train_loss"),
             federated_accuracy=_metric(fed_metrics, "eval_accuracy"),
             federated_loss=_metric(fed_metrics, "eval_loss"),
-            clients_trained=len(replies),
-            clients_failed=len(failures),
-            examples_trained=sum(_num_examples(m) for m in replies),
+            clients_trained=train.trained,
+            clients_failed=train.failed,
+            examples_trained=train.examples,
             seconds=time.perf_counter() - started,
-            failures=failures + eval_failures,
+            failures=train.failures + eval_failures,
             epsilon=dict(sorted(epsilon.items())),
         )
         log.info("round %d: accuracy %.4f loss %.4f (%d sites trained, %d failed)",
