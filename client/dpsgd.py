@@ -167,7 +167,8 @@ class _InjectedNoise:
     """Mixin for Opacus optimizers: draw the Gaussian noise from ``self.noise_fn``.
 
     One call per step for all parameters (one flat draw, split per parameter); the std is
-    Opacus' ``noise_multiplier * max_grad_norm``; std 0 adds nothing.
+    Opacus' ``noise_multiplier * max_grad_norm``; std 0 adds nothing. ``p.grad`` becomes a
+    new tensor (``summed_grad`` is left as it was), as in Opacus.
     """
 
     noise_fn: NoiseFn
@@ -176,28 +177,51 @@ class _InjectedNoise:
         nm = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
         std = float(nm * self.max_grad_norm)
         params = self.params
-        for p in params:
-            _check_processed_flag(p.summed_grad)
-        total = sum(p.summed_grad.numel() for p in params)
-        flat = (self.noise_fn((total,), std, params[0].device) if std > 0 and total
-                else None)
-        offset = 0
-        for p in params:
-            n = p.summed_grad.numel()
-            g = p.summed_grad
-            if flat is not None:
-                g = g + flat[offset : offset + n].view_as(g).to(g.dtype)
+        summed = [p.summed_grad for p in params]
+        for g in summed:
+            _check_processed_flag(g)
+        total = sum(g.numel() for g in summed)
+        if std > 0 and total:
+            flat = self.noise_fn((total,), std, params[0].device)
+            noise = [n.view_as(g) for n, g in zip(flat.split([g.numel() for g in summed]),
+                                                  summed, strict=True)]
+            if any(n.dtype != g.dtype for n, g in zip(noise, summed, strict=True)):
+                noise = [n.to(g.dtype) for n, g in zip(noise, summed, strict=True)]
+            noisy = torch._foreach_add(summed, noise)
+        else:
+            noisy = [g.clone() for g in summed]
+        for p, g in zip(params, noisy, strict=True):
             p.grad = g.view_as(p)
-            offset += n
             _mark_as_processed(p.summed_grad)
+
+    def scale_grad(self) -> None:
+        """Divide by the expected batch size (``loss_reduction="mean"``), one fused call."""
+        if self.loss_reduction == "mean":
+            grads = [p.grad for p in self.params]
+            torch._foreach_div_(grads, self.expected_batch_size * self.accumulated_iterations)
+
+
+class _NoisyFastOptimizer(_InjectedNoise, DPOptimizerFastGradientClipping):
+    """Opacus ``DPOptimizerFastGradientClipping`` (``p.grad`` = clipped sum) with injected noise.
+
+    ``accumulate`` takes over ``p.grad`` as ``summed_grad`` instead of deep-copying it (and
+    clears ``p.grad``, so ``zero_grad(set_to_none=False)`` cannot zero the sum of a skipped
+    step); later backward passes before a step add into it, as in Opacus.
+    """
+
+    def accumulate(self) -> None:
+        for p in self.params:
+            if p.grad is None:
+                raise RuntimeError("a trainable parameter got no gradient before step()")
+            if p.summed_grad is None:
+                p.summed_grad = p.grad.detach()
+            else:
+                p.summed_grad.add_(p.grad.detach())
+            p.grad = None
 
 
 class _NoisyDPOptimizer(_InjectedNoise, DPOptimizer):
     """Opacus ``DPOptimizer`` (clips materialised per-sample grads) with injected noise."""
-
-
-class _NoisyFastOptimizer(_InjectedNoise, DPOptimizerFastGradientClipping):
-    """Opacus ``DPOptimizerFastGradientClipping`` (``p.grad`` = clipped sum) with injected noise."""
 
 
 @dataclass

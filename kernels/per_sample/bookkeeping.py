@@ -75,13 +75,18 @@ class _Record:
 
 
 class _Attach(torch.autograd.Function):
-    """Identity (a copy) that reports the output gradient of a layer whose output has no
-    autograd history (first layer: input and detached parameters need no grad)."""
+    """In-place identity that reports the output gradient of a layer whose output has no
+    autograd history (first layer: input and detached parameters need no grad).
+
+    The output is returned as the same tensor, marked dirty (no copy of a possibly large
+    activation); it then has this node as its history, so later in-place ops are fine.
+    """
 
     @staticmethod
     def forward(ctx, out, anchor, callback):  # noqa: ARG004 - anchor only links the graph
         ctx.callback = callback
-        return out.clone()
+        ctx.mark_dirty(out)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -194,16 +199,17 @@ class BookKeepingClipper:
             )
         x = args[0].detach()
         entry = _Entry(layer, x)
-        if getattr(layer.rule, "keeps_output", False):
-            entry.out, entry.out_version = output.detach(), output._version
         record.entries[layer.name] = entry
         record.batch_size = x.shape[0] if record.batch_size is None else record.batch_size
         callback = partial(self._on_grad, record, entry)
+        result = None
         if output.requires_grad:
             output.register_hook(callback)
-            return None
-        anchor = module._parameters[layer.names[0]]
-        return _Attach.apply(output, anchor, callback)
+        else:
+            result = output = _Attach.apply(output, module._parameters[layer.names[0]], callback)
+        if layer.rule.keeps_output:  # after _Attach: it bumps the version counter
+            entry.out, entry.out_version = output.detach(), output._version
+        return result
 
     # -- backward ---------------------------------------------------------------------------
 
@@ -243,8 +249,12 @@ class BookKeepingClipper:
 
     @staticmethod
     def _write(layer: _Layer, sums: dict[str, torch.Tensor]) -> None:
+        """``p.grad = sum`` (fresh tensors from the rules), or ``p.grad += sum`` in place."""
         for n in layer.names:
             p = layer.module._parameters[n]
             g = sums.get(n)
             g = torch.zeros_like(p) if g is None else g.to(p.dtype).view_as(p)
-            p.grad = g if p.grad is None else p.grad + g
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)

@@ -20,9 +20,13 @@ def clip_factors(sq_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
 
 
 def per_sample_sq_norms(per_sample: torch.Tensor) -> torch.Tensor:
-    """``(B, ...)`` -> ``(B,)`` squared L2 norm of each sample's slice."""
+    """``(B, ...)`` -> ``(B,)`` squared L2 norm of each sample's slice.
+
+    One reduction pass without a ``(B, ...)`` temporary (``vecdot`` allocates one, and a
+    fresh multi-MiB buffer costs page faults on every step).
+    """
     flat = per_sample.reshape(per_sample.shape[0], math.prod(per_sample.shape[1:]))
-    return torch.linalg.vecdot(flat, flat)
+    return torch.linalg.vector_norm(flat, dim=1).square_()
 
 
 def weighted_sum(per_sample: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:

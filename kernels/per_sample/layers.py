@@ -41,12 +41,19 @@ def _sq_of(state: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
     return sum(per_sample_sq_norms(t) for t in state if t is not None)
 
 
-class LinearRule:
-    """``nn.Linear``: exact ``||a|| ||g||`` norms (ghost norm with a sequence dim)."""
+class _Rule:
+    """Defaults: any configuration is supported; the layer output is not kept."""
+
+    #: Ask the engine to keep the (unmodified) layer output for :meth:`norms` (``y=``).
+    keeps_output = False
 
     @staticmethod
     def check(module: nn.Module) -> None:
         return None
+
+
+class LinearRule(_Rule):
+    """``nn.Linear``: exact ``||a|| ||g||`` norms (ghost norm with a sequence dim)."""
 
     @staticmethod
     def norms(module: nn.Linear, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, Any]:
@@ -69,7 +76,7 @@ class LinearRule:
         return out
 
 
-class ConvRule:
+class ConvRule(_Rule):
     """``nn.Conv1d`` / ``nn.Conv2d`` with zero padding: materialised per-sample grads."""
 
     @staticmethod
@@ -105,14 +112,10 @@ class ConvRule:
         return _per_sample_rule_sums(state, ("weight", "bias"), coef)
 
 
-class GroupNormRule:
+class GroupNormRule(_Rule):
     """``nn.GroupNorm`` (affine): per-sample grads are ``(B, C)``, cheap to hold."""
 
-    @staticmethod
-    def check(module: nn.Module) -> None:
-        return None
-
-    #: Ask the engine to keep the (unmodified) output: enables the fast output path.
+    #: The (unmodified) output enables the fast output path.
     keeps_output = True
 
     @staticmethod
@@ -128,7 +131,7 @@ class GroupNormRule:
         return _per_sample_rule_sums(state, ("weight", "bias"), coef)
 
 
-class EmbeddingRule:
+class EmbeddingRule(_Rule):
     """``nn.Embedding`` (dense, no ``max_norm``): ghost norms, ``index_add`` sums."""
 
     @staticmethod
