@@ -35,6 +35,7 @@ from typing import Any, TextIO
 from client.data import DATA_PATH
 from client.ledger import NODE_CONFIG_KEYS
 from shared.config import AccountantName
+from shared.wire import SITE_NAME_KEY
 
 SITE_TOML = "site.toml"
 CA_FILE = "ca.pem"
@@ -165,9 +166,10 @@ def load_site_config(kit: Path) -> SiteConfig:
 
 
 def node_config(cfg: SiteConfig) -> dict[str, str | float]:
-    """The SuperNode's node config: data file, ledger folder and budget (the site's own)."""
+    """The SuperNode's node config: name, data file, ledger folder and budget (the site's own)."""
     keys = NODE_CONFIG_KEYS
     return {
+        SITE_NAME_KEY: cfg.name,
         DATA_PATH: str(cfg.data_path),
         keys["site_dir"]: str(cfg.ledger_dir),
         keys["epsilon"]: cfg.epsilon,
@@ -234,6 +236,13 @@ def supernode_command(
     return cmd
 
 
+def tool_env() -> dict[str, str]:
+    """This environment with this Python's script folder first on PATH (the SuperNode
+    starts ``flower-superexec``/``flwr-clientapp`` by name; CI has no venv on PATH)."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 def prepare_ledger_dir(path: Path) -> None:
     """Create the ledger folder with mode 0700 (an existing one is narrowed to 0700)."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -261,7 +270,7 @@ def supervise(cmd: Sequence[str], out: TextIO, hints: Sequence[tuple[str, str]] 
     """
     proc = subprocess.Popen(  # noqa: S603 - a fixed executable, arguments from a parsed config
         list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True, env=dict(env) if env is not None else None,
+        start_new_session=True, env=dict(env) if env is not None else tool_env(),
     )
     found: list[str] = []
 

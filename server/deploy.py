@@ -111,6 +111,18 @@ def superlink_command(kit: ServerKit, state: Path, host: str, port: int) -> list
     return cmd
 
 
+def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This environment with this Python's script folder first on PATH.
+
+    Flower's daemons start further Flower executables (``flower-superexec``,
+    ``flwr-serverapp``) by name; they must resolve to this installation even when the
+    virtual environment is not on PATH (CI runs ``.venv/bin/python`` directly).
+    """
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+            **(extra or {})}
+
+
 def connect_host(host: str) -> str:
     """Where a local client reaches a server bound to ``host`` (bind-all -> loopback)."""
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
@@ -250,7 +262,7 @@ def start_server(kit_dir: Path | None, state: Path, host: str, port: int, *,
     kit = load_server_kit(kit_dir, insecure=insecure)
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     address = f"{connect_host(host)}:{port}"
-    env = {**os.environ, "FLWR_HOME": str((state / FLWR_HOME_DIR).resolve())}
+    env = tool_env({"FLWR_HOME": str((state / FLWR_HOME_DIR).resolve())})
     write_connection(state / FLWR_HOME_DIR, CONNECTION, address, kit.ca)
     cmd = superlink_command(kit, state, host, port)
     say = "privfed server:"

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from server.deploy import DeployError, write_connection
+from server.deploy import DeployError, tool_env, write_connection
 
 RUN_CONFIG_FILE = "run-config.toml"
 SERVER_FILES = ("metrics.jsonl", "summary.json", "metrics.png", "model.pt")
@@ -86,7 +86,7 @@ def write_run_config(path: Path, flat: Mapping[str, Any]) -> Path:
 
 
 def _flwr_env(flwr_home: Path) -> dict[str, str]:
-    return {**os.environ, "FLWR_HOME": str(flwr_home.resolve()), "FLWR_TELEMETRY_ENABLED": "0"}
+    return tool_env({"FLWR_HOME": str(flwr_home.resolve())})
 
 
 def run_status(run_id: int, connection: str, env: Mapping[str, str]) -> str:
