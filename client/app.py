@@ -14,7 +14,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from client.data import SiteData, site_data
-from client.faults import dropout_stage
+from client.faults import byzantine_sites, dropout_stage, misbehave
 from client.ledger import BudgetExhaustedError
 from client.privacy import train_privately
 from client.secagg_mod import secagg_mod
@@ -33,6 +33,7 @@ from shared.wire import (
     SITE_EPSILON,
     SITE_NAME,
     SITE_NAME_KEY,
+    SITE_ROUND,
     load_into,
     to_record,
 )
@@ -84,7 +85,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     model = _model_for(config, data, msg)
     seed = _training_seed(config.federation.seed, server_round, data.site_id)
     torch.manual_seed(seed)
-    site = ConfigRecord({SITE_NAME: _site_name(context)})
+    site = ConfigRecord({SITE_NAME: _site_name(context), SITE_ROUND: server_round})
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
     if config.privacy.enabled:
         try:
             result = train_privately(model, data.train, config, context.node_config,
@@ -97,6 +99,8 @@ def train_handler(msg: Message, context: Context) -> Message:
         loader = make_loader(data.train, config.train.batch_size, seed=seed, shuffle=True)
         loss = train(model, loader, make_optimizer(model, config.train), config.train.epochs)
         state = model.state_dict()
+    if data.site_id in byzantine_sites(config):  # a rehearsal of a misbehaving site
+        state = misbehave(config.faults.byzantine_kind, state, global_state)
     metrics = MetricRecord({"train_loss": loss, NUM_EXAMPLES: len(data.train)})
     content = RecordDict({ARRAYS: to_record(state), METRICS: metrics, SITE: site})
     return Message(content=content, reply_to=msg)

@@ -1,4 +1,4 @@
-"""Simulated site faults (``[faults]``): reproducible dropouts for rehearsing them.
+"""Simulated site faults (``[faults]``): reproducible dropouts and byzantine sites.
 
 A site drops out of a round with probability ``faults.dropout``, by a draw seeded with
 (run seed, round, site), so a scenario drops the same sites every time. Where it drops:
@@ -9,8 +9,9 @@ the ``train`` stage.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from shared.config import DropoutStage, RunConfig
+from shared.config import DropoutStage, Misbehaviour, RunConfig
 
 _SECAGG_STAGES = (
     DropoutStage.ADVERTISE,
@@ -41,3 +42,44 @@ def dropout_stage(config: RunConfig, server_round: int, site_id: int) -> Dropout
     if stage is DropoutStage.ANY:
         return _SECAGG_STAGES[int(rng.integers(len(_SECAGG_STAGES)))]
     return stage
+
+
+class SimulatedCrash(RuntimeError):
+    """A simulated byzantine site crashed mid-training (``byzantine_kind = "crash"``)."""
+
+
+def byzantine_sites(config: RunConfig) -> frozenset[int]:
+    """The sites that misbehave in every round: ``round(byzantine * clients)`` of them,
+    chosen by a seeded permutation (the same sites for the same seed)."""
+    count = round(config.faults.byzantine * config.federation.clients)
+    if count == 0:
+        return frozenset()
+    order = np.random.default_rng([config.federation.seed, 0xB42]).permutation(
+        config.federation.clients
+    )
+    return frozenset(int(s) for s in order[:count])
+
+
+def misbehave(
+    kind: Misbehaviour, state: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """What a byzantine site sends instead of its honest model ``state``.
+
+    ``nan``: every float entry NaN; ``shape``: the first tensor gains a row; ``norm``: the
+    update ``state - global`` blown up 1000 times; ``crash``: raises mid-round.
+
+    Raises:
+        SimulatedCrash: for ``crash``.
+    """
+    if kind is Misbehaviour.CRASH:
+        raise SimulatedCrash("simulated crash mid-training")
+    out = dict(state)
+    if kind is Misbehaviour.NAN:
+        return {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                for k, v in out.items()}
+    if kind is Misbehaviour.SHAPE:
+        first = next(iter(out))
+        out[first] = torch.cat([out[first], out[first][:1]])
+        return out
+    return {k: global_state[k] + 1000.0 * (v - global_state[k]) if v.is_floating_point() else v
+            for k, v in out.items()}

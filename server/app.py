@@ -10,8 +10,11 @@ the sites' validation hold-outs every round, and writes ``metrics.jsonl``,
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
+from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -19,9 +22,12 @@ from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from server.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from server.loop import LoopSettings, run_rounds
 from server.reporting import RoundReport, RunRecorder
+from server.robust import aggregation_strategy
 from server.secagg import SecAggPlus
+from server.validation import ReplyBounds
 from shared.config import RunConfig
 from shared.data import load
 from shared.models import get_model
@@ -59,9 +65,11 @@ def weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
 
 
 def build_strategy(config: RunConfig) -> FedAvg:
-    """FedAvg with the run's sampling fractions; waits for every configured site."""
+    """FedAvg (or ``[robust]``'s median / trimmed mean) with the run's sampling fractions;
+    waits for every configured site."""
     fed = config.federation
-    return FedAvg(
+    return aggregation_strategy(
+        config,
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=min(fed.min_train, fed.clients),
@@ -73,9 +81,43 @@ def build_strategy(config: RunConfig) -> FedAvg:
     )
 
 
+def loop_settings(config: RunConfig, start_round: int) -> LoopSettings:
+    """The round loop's limits, from ``[federation]`` and ``[robust]``."""
+    robust = config.robust
+    return LoopSettings(
+        rounds=config.federation.rounds,
+        start_round=start_round,
+        bounds=ReplyBounds(max_update_norm=robust.max_update_norm or math.inf,
+                           max_examples=robust.max_examples),
+        norm_bound=robust.norm_bound,
+        min_valid=min(config.federation.min_train, config.federation.clients),
+    )
+
+
+def _resume(config: RunConfig, store: CheckpointStore, recorder: RunRecorder) -> Checkpoint:
+    """The last good checkpoint of the run in ``output.dir``, with the metrics file and
+    RNG states put back as they were after that round.
+
+    Raises:
+        CheckpointError: nothing to resume, or the run config changed.
+    """
+    checkpoint = store.latest()
+    if checkpoint is None:
+        raise CheckpointError(f"output.resume: no checkpoint in {store.directory}")
+    changed = sorted(k for k, v in config.to_flat().items()
+                     if k != "output.resume" and checkpoint.run_config.get(k) != v)
+    if changed:
+        raise CheckpointError(f"output.resume: the run config differs from the checkpoint's "
+                              f"in {', '.join(changed)}")
+    recorder.restore_rounds(checkpoint.rounds)
+    checkpoint.restore_rng()
+    log.info("resuming after round %d from %s", checkpoint.round, store.directory)
+    return checkpoint
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the federation the run config describes."""
+    """Run the federation the run config describes (or continue it: ``output.resume``)."""
     started = time.perf_counter()
     config = RunConfig.from_flat(context.run_config, complete=True)
     seed = config.federation.seed
@@ -84,28 +126,31 @@ def main(grid: Grid, context: Context) -> None:
     dataset = load(config.data)
     model = get_model(config.model.name, dataset.spec)
     recorder = RunRecorder(output_dir(config, context.run_id))
+    store = CheckpointStore(recorder.out_dir, keep=config.output.checkpoint_keep)
     log.info("privfed run %s: writing to %s", context.run_id, recorder.out_dir)
+    resumed = _resume(config, store, recorder) if config.output.resume else None
+    initial = to_record(resumed.model if resumed else model.state_dict())
 
     def central_eval(arrays: ArrayRecord) -> EvalResult:
         model.load_state_dict(from_record(arrays))
         return evaluate(model, dataset.test)
 
-    def on_round(report: RoundReport, _arrays: ArrayRecord) -> None:
+    def on_round(report: RoundReport, arrays: ArrayRecord) -> None:
+        python_rng, torch_rng = Checkpoint.capture_rng()
+        store.save(Checkpoint(round=report.round, model=dict(from_record(arrays)),
+                              run_config=config.to_flat(),
+                              rounds=[asdict(r) for r in [*recorder.rounds, report]],
+                              site_epsilon=report.epsilon, python_rng=python_rng,
+                              torch_rng=torch_rng))
         recorder.record_round(report)
 
     strategy = build_strategy(config)
-    settings = LoopSettings(rounds=config.federation.rounds)
+    settings = loop_settings(config, start_round=resumed.round + 1 if resumed else 1)
     if config.secagg.enabled:
         strategy = SecAggPlus(strategy, config.secagg, timeout=settings.timeout,
                               expected_sites=config.federation.train_cohort())  # fmt: skip
-    final = run_rounds(
-        strategy,
-        grid,
-        to_record(model.state_dict()),
-        settings,
-        central_eval,
-        on_round,
-    )
+    final = run_rounds(strategy, grid, initial, settings, central_eval, on_round,
+                       epsilon=resumed.site_epsilon if resumed else None)
     recorder.save_model(from_record(final))
     recorder.plot()
     last = recorder.rounds[-1] if recorder.rounds else None
@@ -115,8 +160,17 @@ def main(grid: Grid, context: Context) -> None:
             "final_accuracy": last.accuracy if last else None,
             "final_loss": last.loss if last else None,
             "rounds_completed": len(recorder.rounds),
+            "resumed_after_round": resumed.round if resumed else None,
             "epsilon": last.epsilon if last else {},
+            "rejected": _total_rejected(recorder.rounds),
             "wall_seconds": time.perf_counter() - started,
             "config": config.to_flat(),
         }
     )
+
+
+def _total_rejected(rounds: list[RoundReport]) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for report in rounds:
+        total.update(report.rejected)
+    return dict(total)

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from server.reporting import RoundReport
+from server.robust import bound_replies
 from server.secagg import SecAggPlus, TrainOutcome
+from server.validation import ReplyBounds, split_valid
 from shared.training import EvalResult
 from shared.wire import NUM_EXAMPLES, SITE, SITE_EPSILON, SITE_NAME
 
@@ -31,10 +34,20 @@ CentralEval = Callable[[ArrayRecord], EvalResult]
 
 @dataclass(frozen=True)
 class LoopSettings:
-    """How many rounds, and how long to wait for replies in each exchange."""
+    """Rounds to run, reply timeout, and what a plain round accepts.
+
+    ``start_round`` > 1 continues a resumed run. A plain round aggregates only
+    replies that pass ``bounds`` (see :mod:`server.validation`), scales updates
+    longer than ``norm_bound`` down to it (0: off), and is skipped (model
+    unchanged) if fewer than ``min_valid`` replies remain.
+    """
 
     rounds: int
     timeout: float = 3600.0
+    start_round: int = 1
+    bounds: ReplyBounds = field(default_factory=ReplyBounds)
+    norm_bound: float = 0.0
+    min_valid: int = 1
 
 
 def _split_failures(
@@ -74,18 +87,44 @@ def _metric(record: MetricRecord | None, key: str) -> float:
     return float(record[key])  # type: ignore[arg-type]
 
 
+def canonical_order(replies: list[Message]) -> list[Message]:
+    """Replies sorted by site name, then node id: float sums then do not depend on
+    the order in which replies happened to arrive."""
+
+    def key(reply: Message) -> tuple[str, int]:
+        site = reply.content.config_records.get(SITE)
+        name = str(site.get(SITE_NAME, "")) if site is not None else ""
+        return (name.zfill(12) if name.isdigit() else name, reply.metadata.src_node_id)
+
+    return sorted(replies, key=key)
+
+
 def _train_round(
     strategy: Strategy, rnd: int, arrays: ArrayRecord, grid: Grid, settings: LoopSettings
 ) -> TrainOutcome:
-    """A plain training round: the strategy sees every reply."""
+    """A plain round: validate every reply, bound norms, aggregate the accepted ones."""
     messages = strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
     replies, failures = _split_failures(
         grid.send_and_receive(messages, timeout=settings.timeout), "train", rnd
     )
-    new_arrays, metrics = strategy.aggregate_train(rnd, replies)
-    return TrainOutcome(new_arrays, metrics, trained=len(replies), failed=len(failures),
-                        examples=sum(_num_examples(m) for m in replies),
-                        failures=failures, replies=replies, round_trips=1)  # fmt: skip
+    global_arrays = {k: v.numpy() for k, v in arrays.items()}
+    valid, rejected = split_valid(canonical_order(replies), global_arrays, settings.bounds,
+                                  run_id=grid.run.run_id, server_round=rnd)
+    for rejection in rejected:
+        log.warning("round %d train: reply rejected (%s)", rnd, rejection)
+    counts = dict(Counter(r.reason.value for r in rejected))
+    failures += [f"rejected {r}" for r in rejected]
+    new_arrays, metrics = None, None
+    if len(valid) >= settings.min_valid:
+        bound_replies(valid, global_arrays, settings.norm_bound)
+        new_arrays, metrics = strategy.aggregate_train(rnd, valid)
+    else:
+        log.warning("round %d: %d valid replies < minimum %d; round skipped", rnd, len(valid),
+                    settings.min_valid)
+    return TrainOutcome(new_arrays, metrics, trained=len(valid),
+                        failed=len(failures) - len(rejected), rejected=counts,
+                        examples=sum(_num_examples(m) for m in valid),
+                        failures=failures, replies=valid, round_trips=1)  # fmt: skip
 
 
 def run_rounds(
@@ -95,15 +134,17 @@ def run_rounds(
     settings: LoopSettings,
     central_eval: CentralEval,
     on_round: Callable[[RoundReport, ArrayRecord], None],
+    epsilon: dict[str, float] | None = None,
 ) -> ArrayRecord:
-    """Run ``settings.rounds`` rounds; return the final global model.
+    """Run rounds ``settings.start_round..settings.rounds``; return the final global model.
 
     ``on_round(report, arrays)`` is called after every round with that round's
-    metrics and the global model after it.
+    metrics and the global model after it. ``epsilon`` is the per-site spend known
+    so far (a resumed run passes its checkpoint's).
     """
     arrays = initial
-    epsilon: dict[str, float] = {}
-    for rnd in range(1, settings.rounds + 1):
+    epsilon = dict(epsilon or {})
+    for rnd in range(settings.start_round, settings.rounds + 1):
         started = time.perf_counter()
         if isinstance(strategy, SecAggPlus):
             train = strategy.train_round(rnd, arrays, grid, last=rnd == settings.rounds)
@@ -134,6 +175,7 @@ def run_rounds(
             seconds=time.perf_counter() - started,
             failures=train.failures + eval_failures,
             epsilon=dict(sorted(epsilon.items())),
+            rejected=train.rejected,
         )
         log.info("round %d: accuracy %.4f loss %.4f (%d sites trained, %d failed)",
                  rnd, report.accuracy, report.loss, report.clients_trained, report.clients_failed)

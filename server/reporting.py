@@ -45,6 +45,8 @@ class RoundReport:
     failures: list[str] = field(default_factory=list)
     #: Each site's cumulative privacy spend as it last reported it (DP runs only).
     epsilon: dict[str, float] = field(default_factory=dict)
+    #: Replies dropped by validation this round, counted by reason.
+    rejected: dict[str, int] = field(default_factory=dict)
 
 
 def _clean(value: Any) -> Any:
@@ -65,6 +67,13 @@ class RunRecorder:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.rounds: list[RoundReport] = []
+
+    def restore_rounds(self, rows: list[dict[str, Any]]) -> None:
+        """Start from a checkpoint's rounds: ``metrics.jsonl`` is rewritten to hold exactly
+        them (rows a crash left after the checkpoint are dropped)."""
+        self.rounds = [RoundReport(**row) for row in rows]
+        text = "".join(json.dumps(_clean(row)) + "\n" for row in rows)
+        atomic_write_text(self.out_dir / METRICS_FILE, text)
 
     def record_round(self, report: RoundReport) -> None:
         """Append the round to ``metrics.jsonl`` durably."""

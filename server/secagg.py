@@ -116,6 +116,8 @@ class TrainOutcome:
     #: The successful replies, stripped of model and masked data (their public records).
     replies: list[Message] = field(default_factory=list)
     round_trips: int = 0
+    #: Replies dropped by validation, counted by reason (plain rounds only).
+    rejected: dict[str, int] = field(default_factory=dict)
 
 
 class SecAggPlus:

@@ -400,6 +400,12 @@ class RunConfig:
             part.validate()
         if config.secagg.enabled:  # refuse a bad combination before any round starts
             config.secagg.params_for(config.federation.train_cohort())
+            if config.robust.aggregation is not Aggregation.FEDAVG:
+                raise ConfigError(
+                    f"robust.aggregation = {config.robust.aggregation.value!r} needs every "
+                    "site's own update, which secure aggregation hides; use 'fedavg' with "
+                    "secagg.enabled (updates are clipped at the sites before encoding)"
+                )
         return config
 
     def to_flat(self) -> dict[str, Any]:
