@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -229,8 +230,9 @@ def supernode_command(
         cmd += ["--root-certificates", str(kit_file(kit, CA_FILE))]
         cmd += ["--auth-supernode-private-key", str(kit_file(kit, KEY_FILE, private=True))]
     cmd += ["--host", "127.0.0.1", "--port", str(cfg.runtime_port)]
+    # Flower's SuperNode installs no app dependencies unless --allow-runtime-dependency-
+    # installation is given: a site runs only what its admin installed.
     cmd += ["--node-config", format_config(node_config(cfg))]
-    cmd.append("--disable-runtime-dependency-installation")
     if max_wait_time is not None:
         cmd += ["--max-wait-time", f"{max_wait_time:g}"]
     return cmd
@@ -301,12 +303,16 @@ def wait_forwarding_signals(proc: subprocess.Popen[str]) -> int:
         _signal_group(proc, signal.SIGTERM)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    deadline: float | None = None
     try:
         while True:
+            if deadline is None and stopping.is_set():
+                deadline = time.monotonic() + STOP_GRACE
             try:
-                return proc.wait(timeout=STOP_GRACE if stopping.is_set() else None)
+                return proc.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
-                _signal_group(proc, signal.SIGKILL)
+                if deadline is not None and time.monotonic() > deadline:
+                    _signal_group(proc, signal.SIGKILL)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -244,11 +244,15 @@ class _Forwarder:
         self._forward(signal.SIGTERM, None)
 
     def wait(self) -> int:
+        """The child's exit status; it is killed ``STOP_GRACE`` s after the first signal."""
+        deadline: float | None = None
         while True:
+            if deadline is None and self.stopping.is_set():
+                deadline = time.monotonic() + STOP_GRACE
             try:
-                return self.proc.wait(timeout=STOP_GRACE if self.stopping.is_set() else 0.5)
+                return self.proc.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
-                if self.stopping.is_set():
+                if deadline is not None and time.monotonic() > deadline:
                     _signal_group(self.proc, signal.SIGKILL)
 
 
