@@ -36,6 +36,7 @@ inf
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -146,11 +147,19 @@ def rdp_curve(events: Iterable[Sequence[float]], orders: Sequence[float] = RDP_O
     """
     total = np.zeros(len(orders))
     for sigma, q, steps in _effective(events):
-        curve = rdp_analysis.compute_rdp(
-            q=q, noise_multiplier=sigma, steps=steps, orders=list(orders)
-        )
-        total = total + np.asarray(curve, dtype=float)
+        total = total + steps * np.asarray(_unit_rdp(q, sigma, tuple(orders)))
     return total
+
+
+@functools.lru_cache(maxsize=8192)
+def _unit_rdp(q: float, sigma: float, orders: tuple[float, ...]) -> tuple[float, ...]:
+    """RDP of one step (RDP composes linearly in steps, so ``n`` steps is ``n`` times this).
+
+    Cached: Opacus' series for fractional orders costs about a second at large ``q``,
+    and calibration evaluates the same (q, sigma) pairs round after round.
+    """
+    curve = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(orders))
+    return tuple(float(v) for v in np.asarray(curve, dtype=float))
 
 
 def rdp_epsilon(events: Iterable[Sequence[float]], delta: float) -> float:
@@ -276,19 +285,34 @@ def calibrate_noise_multiplier(
 
 
 def _bisect_sigma(eps_at, target: float, rtol: float, spent: float) -> float:
-    """Bisection for the smallest sigma with ``eps_at(sigma) <= target``."""
-    lo, hi = 0.0, 1.0
-    while eps_at(hi) > target:
-        lo, hi = hi, hi * 2
-        if hi > MAX_NOISE_MULTIPLIER:
+    """The smallest sigma on the grid ``(1 + rtol) ** i`` (i >= -inf..) with
+    ``eps_at(sigma) <= target``.
+
+    Searching a fixed geometric grid (rather than midpoints of a moving bracket)
+    makes repeated calibrations, e.g. one per round, evaluate the same sigmas, which
+    :func:`_unit_rdp` has cached. Adjacent grid points differ by ``rtol`` (relative).
+    """
+    ratio = math.log1p(rtol)
+
+    def sigma(i: int) -> float:
+        return math.exp(i * ratio)
+
+    lo, hi = None, 0  # grid indices; sigma(0) = 1
+    while eps_at(sigma(hi)) > target:
+        lo, hi = hi, max(1, 2 * hi)
+        if sigma(hi) > MAX_NOISE_MULTIPLIER:
             raise InfeasibleBudgetError(
                 f"cannot calibrate noise: even noise_multiplier={MAX_NOISE_MULTIPLIER:g} "
                 f"exceeds target epsilon {target:.4g} (already spent {spent:.4g})"
             )
-    while hi - lo > rtol * hi:
-        mid = (lo + hi) / 2
-        if eps_at(mid) <= target:
+    if lo is None:  # sigma = 1 already fits: search below it
+        lo = -1
+        while sigma(lo) > 1e-3 and eps_at(sigma(lo)) <= target:
+            hi, lo = lo, 2 * lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if eps_at(sigma(mid)) <= target:
             hi = mid
         else:
             lo = mid
-    return hi
+    return sigma(hi)
