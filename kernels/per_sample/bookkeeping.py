@@ -11,6 +11,10 @@
   ``c_i = min(1, C / (||grad_i|| + 1e-6))`` over *all* parameters and writes
   ``p.grad += sum_i c_i * grad_i`` for every trainable parameter of the model.
 
+Performance: each layer keeps a :class:`~kernels.per_sample.workspace.Workspace` of scratch
+buffers across steps, and construction calls :func:`~kernels.per_sample.workspace.warm_heap`
+once per process (no effect on results; see that module for why both matter on CPU).
+
 Guarantees, for a loss that is a sum (``"sum"``) or mean (``"mean"``) over the batch of
 per-sample losses: every sample contributes at most ``max_grad_norm`` (L2, over all
 parameters) to the summed ``p.grad`` of one backward pass, exactly the clipped sum of
@@ -34,6 +38,7 @@ from torch import nn
 
 from .clip import clip_factors
 from .layers import RULES, UnsupportedLayerError, supported_layer_names
+from .workspace import Workspace, warm_heap
 
 
 class LossReduction(StrEnum):
@@ -54,6 +59,7 @@ class _Layer:
     rule: type
     names: tuple[str, ...]
     saved: dict[str, nn.Parameter] = field(default_factory=dict)
+    ws: Workspace = field(default_factory=Workspace)  # scratch reused across steps
 
 
 @dataclass
@@ -142,6 +148,7 @@ class BookKeepingClipper:
         self.max_grad_norm = float(max_grad_norm)
         self.loss_reduction = LossReduction(loss_reduction)
         self.layers = _trainable_layers(model)
+        warm_heap()  # performance only: see kernels.per_sample.workspace
         self.per_sample_norms: torch.Tensor | None = None
         self.clip_factors: torch.Tensor | None = None
         self._record: _Record | None = None
@@ -164,6 +171,7 @@ class BookKeepingClipper:
         self._handles = []
         for layer in self.layers:
             self._restore(layer)
+            layer.ws.clear()
         self._record = None
 
     # -- forward ----------------------------------------------------------------------------
@@ -225,10 +233,11 @@ class BookKeepingClipper:
                 partial(self._finalize, record))
         layer = entry.layer
         if entry.out is None:
-            entry.sq, entry.state = layer.rule.norms(layer.module, entry.x, grad)
+            entry.sq, entry.state = layer.rule.norms(layer.module, entry.x, grad, layer.ws)
         else:  # the output may have been modified in place since: then do not use it
             out = entry.out if entry.out._version == entry.out_version else None
-            entry.sq, entry.state = layer.rule.norms(layer.module, entry.x, grad, y=out)
+            entry.sq, entry.state = layer.rule.norms(layer.module, entry.x, grad, layer.ws,
+                                                     y=out)
         entry.x = entry.out = None
 
     def _finalize(self, record: _Record) -> None:

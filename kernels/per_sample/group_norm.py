@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .workspace import Workspace, scratch_like
+
 #: Largest ``|b| / |w|`` for which the output path is used (bounds cancellation error).
 OUTPUT_PATH_MAX_RATIO = 4.0
 
@@ -39,6 +41,7 @@ def group_norm_per_sample_grads(
     y: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    workspace: Workspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample weight and bias gradients of ``F.group_norm(x, num_groups, w, b, eps)``.
 
@@ -50,6 +53,7 @@ def group_norm_per_sample_grads(
         y: optional unmodified layer output; with ``weight`` and ``bias`` it enables the
             output path (see the module docstring).
         weight, bias: the layer's affine parameters (only read for the output path).
+        workspace: reused scratch for the elementwise product (no fresh buffer per call).
 
     Returns:
         ``(B, C)`` weight and ``(B, C)`` bias gradients; empty for ``B = 0``.
@@ -60,7 +64,7 @@ def group_norm_per_sample_grads(
         return z, z.clone()
     gb = g.sum(dims) if dims else g
     if y is not None and _output_path_ok(weight, bias):
-        yg = (y * g).sum(dims) if dims else y * g
+        yg = torch.mul(y, g, out=scratch_like(workspace, "prod", y)).sum(dims) if dims else y * g
         return (yg - bias.detach() * gb) / weight.detach(), gb
     # NCHW group_norm is several times faster than channels-last on CPU.
     x_hat = F.group_norm(x.contiguous(), num_groups, None, None, eps)

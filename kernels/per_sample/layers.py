@@ -4,6 +4,8 @@ Each rule turns one layer call (its input ``x`` and the gradient ``g`` w.r.t. it
 into squared per-sample norms of the layer's trainable parameters plus a small
 ``state`` from which :meth:`sums` later forms ``sum_i coef_i * grad_i`` per parameter.
 Only parameters that require grad are counted (a frozen weight contributes nothing).
+``norms`` takes the layer's :class:`~kernels.per_sample.workspace.Workspace` (``ws``) for
+scratch that lives across steps; ``state`` may point into it until the step's ``sums``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .conv import conv_per_sample_grads
 from .embedding import embedding_clipped_sum, embedding_sq_norms
 from .group_norm import group_norm_per_sample_grads
 from .linear import linear_clipped_sum, linear_sq_norms
+from .workspace import Workspace
 
 
 class UnsupportedLayerError(ValueError):
@@ -56,7 +59,8 @@ class LinearRule(_Rule):
     """``nn.Linear``: exact ``||a|| ||g||`` norms (ghost norm with a sequence dim)."""
 
     @staticmethod
-    def norms(module: nn.Linear, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    def norms(module: nn.Linear, x: torch.Tensor, g: torch.Tensor,
+              ws: Workspace | None = None) -> tuple[torch.Tensor, Any]:
         if x.dim() < 2:
             raise ValueError(f"Linear input needs a batch dimension, got shape {tuple(x.shape)}")
         w_on, b_on = _trainable(module, "weight"), _trainable(module, "bias")
@@ -97,12 +101,13 @@ class ConvRule(_Rule):
         return torch.nn.functional.pad(x, pads), [0] * len(total)
 
     @staticmethod
-    def norms(module, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    def norms(module, x: torch.Tensor, g: torch.Tensor,
+              ws: Workspace | None = None) -> tuple[torch.Tensor, Any]:
         x, padding = ConvRule._explicit_padding(module, x)
         w_on, b_on = _trainable(module, "weight"), _trainable(module, "bias")
         gw, gb = conv_per_sample_grads(
             x, g, module.weight.shape, stride=module.stride, padding=padding,
-            dilation=module.dilation, groups=module.groups, bias=b_on,
+            dilation=module.dilation, groups=module.groups, bias=b_on, workspace=ws,
         ) if w_on else (None, g.sum(dim=tuple(range(2, g.dim()))))
         state = (gw, gb)
         return _sq_of(state), state
@@ -119,9 +124,11 @@ class GroupNormRule(_Rule):
     keeps_output = True
 
     @staticmethod
-    def norms(module: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor, y=None):
+    def norms(module: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor,
+              ws: Workspace | None = None, y: torch.Tensor | None = None):
         gw, gb = group_norm_per_sample_grads(x, g, module.num_groups, module.eps, y=y,
-                                             weight=module.weight, bias=module.bias)
+                                             weight=module.weight, bias=module.bias,
+                                             workspace=ws)
         state = (gw if _trainable(module, "weight") else None,
                  gb if _trainable(module, "bias") else None)
         return _sq_of(state), state
@@ -142,7 +149,8 @@ class EmbeddingRule(_Rule):
             raise UnsupportedLayerError(f"Embedding with {', '.join(bad)} is not supported")
 
     @staticmethod
-    def norms(module: nn.Embedding, x: torch.Tensor, g: torch.Tensor):
+    def norms(module: nn.Embedding, x: torch.Tensor, g: torch.Tensor,
+              ws: Workspace | None = None):
         return embedding_sq_norms(x, g, padding_idx=module.padding_idx), (x, g)
 
     @staticmethod

@@ -18,8 +18,10 @@ from kernels.per_sample import (
     reference_embedding_per_sample_grads,
     reference_group_norm_per_sample_grads,
     reference_linear_per_sample_grads,
+    use_im2col,
     weighted_sum,
 )
+from kernels.per_sample.workspace import Workspace
 
 DT = torch.float64
 
@@ -81,6 +83,35 @@ def test_conv_per_sample_grads(case, b, channels_last):
     _close(gb, rb)
 
 
+@pytest.mark.parametrize("case", [(2, 1, 4, 5, 1, 2, 1, 1, 12), (2, 3, 4, 3, 1, 1, 1, 1, 6),
+                                  (1, 1, 3, 5, 2, 1, 1, 1, 70), (1, 2, 3, 3, 2, 1, 1, 1, 9)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_workspace_reuse_across_batch_sizes(case, channels_last):
+    """Reused buffers (padding borders, columns, folded inputs) never leak between calls."""
+    nd, c_in, c_out, k, stride, pad, dil, groups, size = case
+    if channels_last and nd != 2:
+        pytest.skip("channels_last is a 2-D layout")
+    ws = Workspace()
+    w_shape = (c_out, c_in, *([k] * nd))
+    kw = dict(stride=[stride] * nd, padding=[pad] * nd, dilation=[dil] * nd, groups=groups)
+    conv = F.conv1d if nd == 1 else F.conv2d
+    for b in (18, 3, 25, 18):  # grow, shrink, grow past the capacity, repeat
+        torch.manual_seed(b)
+        x = torch.randn(b, c_in, *([size] * nd), dtype=DT) + 5  # nonzero: stale data shows
+        g = torch.randn(conv(x, torch.zeros(w_shape, dtype=DT), None, **kw).shape, dtype=DT)
+        if channels_last:
+            x, g = (t.contiguous(memory_format=torch.channels_last) for t in (x, g))
+        gw, _ = conv_per_sample_grads(x, g, w_shape, bias=False, workspace=ws, **kw)
+        _close(gw, reference_conv_per_sample_grads(x, g, w_shape, **kw)[0])
+
+
+def test_conv_cost_model_picks_im2col_only_for_single_channel_images():
+    assert use_im2col((16, 1, 5, 5), 1, (28, 28))
+    assert not use_im2col((32, 16, 5, 5), 1, (14, 14))
+    assert not use_im2col((25, 1, 5), 1, (19,))
+    assert not use_im2col((4, 1, 3, 3), 4, (28, 28))
+
+
 def test_conv_empty_batch():
     x, g = torch.zeros(0, 2, 5, 5), torch.zeros(0, 3, 5, 5)
     gw, gb = conv_per_sample_grads(x, g, (3, 2, 3, 3), stride=[1, 1], padding=[1, 1],
@@ -101,7 +132,10 @@ def test_group_norm_both_paths(shape, groups, affine):
     bias = torch.randn(c, dtype=DT) * 0.3
     y = F.group_norm(x, groups, w, bias, 1e-5)
     rw, rb = reference_group_norm_per_sample_grads(x, g, groups, 1e-5)
-    for kwargs in ({}, {"y": y, "weight": w, "bias": bias}):
+    ws = Workspace()
+    for kwargs in ({}, {"y": y, "weight": w, "bias": bias},
+                   {"y": y, "weight": w, "bias": bias, "workspace": ws},
+                   {"y": y * 1, "weight": w, "bias": bias, "workspace": ws}):
         gw, gb = group_norm_per_sample_grads(x, g, groups, 1e-5, **kwargs)
         _close(gw, rw, 1e-9)
         _close(gb, rb)
