@@ -8,7 +8,8 @@ Two ways to get ``sum_s x_hat * g``:
 * from the layer *output* ``y``: ``(sum_s y * g - b * sum_s g) / w``: one fused pass and no
   re-normalisation (group norm is slow in channels-last on CPU). Used only when every
   ``|w_c| > 0`` and ``|b_c| / |w_c| <= OUTPUT_PATH_MAX_RATIO``, where the rounding error
-  stays within a small factor of the direct path;
+  stays within a small factor of the direct path, and when it pays (channels-last or at
+  least ``OUTPUT_PATH_MIN_NUMEL`` elements);
 * otherwise by recomputing ``x_hat = group_norm(x)`` (always exact to rounding).
 """
 
@@ -21,6 +22,14 @@ from .workspace import Workspace, scratch_like
 
 #: Largest ``|b| / |w|`` for which the output path is used (bounds cancellation error).
 OUTPUT_PATH_MAX_RATIO = 4.0
+#: Below this many elements a contiguous input is re-normalised (fewer small ops).
+OUTPUT_PATH_MIN_NUMEL = 1 << 16
+
+
+def _output_path_pays(x: torch.Tensor) -> bool:
+    """The output path saves a slow channels-last ``group_norm`` or a big one; for a small
+    contiguous input its weight check costs more than recomputing ``x_hat``."""
+    return not x.is_contiguous() or x.numel() >= OUTPUT_PATH_MIN_NUMEL
 
 
 def _output_path_ok(weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
@@ -63,7 +72,7 @@ def group_norm_per_sample_grads(
         z = x.new_zeros((0, x.shape[1]))
         return z, z.clone()
     gb = g.sum(dims) if dims else g
-    if y is not None and _output_path_ok(weight, bias):
+    if y is not None and _output_path_pays(x) and _output_path_ok(weight, bias):
         yg = torch.mul(y, g, out=scratch_like(workspace, "prod", y)).sum(dims) if dims else y * g
         return (yg - bias.detach() * gb) / weight.detach(), gb
     # NCHW group_norm is several times faster than channels-last on CPU.

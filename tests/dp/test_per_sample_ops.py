@@ -21,6 +21,7 @@ from kernels.per_sample import (
     use_im2col,
     weighted_sum,
 )
+from kernels.per_sample import group_norm as group_norm_module
 from kernels.per_sample.workspace import Workspace
 
 DT = torch.float64
@@ -122,7 +123,9 @@ def test_conv_empty_batch():
 @pytest.mark.parametrize("shape,groups", [((1, 6, 5, 3), 3), ((4, 5, 7), 5), ((3, 4), 2),
                                           ((5, 8, 3, 3), 1)])
 @pytest.mark.parametrize("affine", ["unit", "random", "zero_weight"])
-def test_group_norm_both_paths(shape, groups, affine):
+@pytest.mark.parametrize("min_numel", [0, 1 << 16])  # 0: the output path whenever it is safe
+def test_group_norm_both_paths(shape, groups, affine, min_numel, monkeypatch):
+    monkeypatch.setattr(group_norm_module, "OUTPUT_PATH_MIN_NUMEL", min_numel)
     torch.manual_seed(len(shape))
     x = torch.randn(shape, dtype=DT) * 3 + 1
     g = torch.randn(shape, dtype=DT)
