@@ -272,7 +272,8 @@ def supervise(cmd: Sequence[str], out: TextIO, hints: Sequence[tuple[str, str]] 
     """
     proc = subprocess.Popen(  # noqa: S603 - a fixed executable, arguments from a parsed config
         list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True, env=dict(env) if env is not None else tool_env(),
+        start_new_session=True, preexec_fn=die_with_parent,
+        env=dict(env) if env is not None else tool_env(),
     )
     found: list[str] = []
 
@@ -316,6 +317,18 @@ def wait_forwarding_signals(proc: subprocess.Popen[str]) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the supervisor dies, even by SIGKILL.
+
+    Without it a killed supervisor leaves its daemon running unsupervised, its log pipe
+    broken (Linux ``PR_SET_PDEATHSIG``; a no-op elsewhere).
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def _signal_group(proc: subprocess.Popen[str], signum: int) -> None:

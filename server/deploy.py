@@ -213,6 +213,18 @@ def _relay(proc: subprocess.Popen[str], out: TextIO) -> threading.Thread:
     return thread
 
 
+def die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the supervisor dies, even by SIGKILL.
+
+    Without it a killed supervisor leaves its daemon running unsupervised, its log pipe
+    broken (Linux ``PR_SET_PDEATHSIG``; a no-op elsewhere).
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
 def _signal_group(proc: subprocess.Popen[str], signum: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signum)
@@ -281,7 +293,7 @@ def start_server(kit_dir: Path | None, state: Path, host: str, port: int, *,
     out.flush()
     proc = subprocess.Popen(  # noqa: S603 - fixed executable, arguments built above
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True, env=env,
+        start_new_session=True, preexec_fn=die_with_parent, env=env,
     )
     relay = _relay(proc, out)
     with _Forwarder(proc) as forwarder:

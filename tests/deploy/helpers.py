@@ -48,11 +48,12 @@ def privfed(*args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedP
 class Daemon:
     """A ``privfed server start`` / ``site start`` process, logging to a file."""
 
-    def __init__(self, name: str, args: list[str], log: Path):
+    def __init__(self, name: str, args: list[str], log: Path, flwr_home: Path | None = None):
         self.name, self.log = name, log
         self._fh = log.open("w")
+        extra = {"FLWR_HOME": str(flwr_home)} if flwr_home else {}  # installed apps go there
         self.proc = subprocess.Popen([PYTHON, "-m", "simulations.cli", *args], stdout=self._fh,
-                                     stderr=subprocess.STDOUT, env=env(), text=True,
+                                     stderr=subprocess.STDOUT, env={**env(), **extra}, text=True,
                                      start_new_session=True)
 
     def text(self) -> str:
@@ -68,6 +69,13 @@ class Daemon:
                 raise AssertionError(f"{self.name}: no {marker!r} in {timeout} s:\n"
                                      f"{self.text()[-3000:]}")
             time.sleep(0.2)
+
+    def children(self) -> list[int]:
+        """PIDs of the daemon's direct children (the Flower process it supervises)."""
+        pids = []
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        return pids
 
     def signal(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):

@@ -1,0 +1,186 @@
+"""A real federation on 127.0.0.1: SuperLink + SuperNodes with TLS and site authentication.
+
+Everything here is a real process (``python -m simulations.cli ...``) in its own process
+group, stopped by PID at the end. One SuperLink and three sites (a, b, c) serve the
+whole module; sites d and e join for the tests that kill them mid-round. Killing a
+site with SIGKILL is detected by Flower's heartbeat (30 s interval, patience 2), so
+each of those tests waits up to a minute by design.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from client.ledger import LEDGER_FILENAME, load
+from server.provision import provision, write_site_kit
+from tests.deploy.helpers import (
+    PYTHON,
+    SMOKE,
+    Daemon,
+    env,
+    fill_site_toml,
+    free_port,
+    wait_online,
+    write_site_data,
+)
+
+SITES = ["a", "b", "c", "d", "e"]
+
+
+class Federation:
+    def __init__(self, root):
+        self.root = root
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.fed = provision(root / "fed", "localhost", SITES, ["127.0.0.1"], port=self.port)
+        self.state = root / "state"
+        self.flwr_home = self.state / "flwr-home"
+        self.daemons: dict[str, Daemon] = {}
+        self.data = {}
+        for i, site in enumerate(SITES):
+            self.data[site] = write_site_data(root / f"{site}.npz", i, len(SITES))
+            fill_site_toml(self.fed.site_kits[site], self.data[site], self.address, free_port())
+
+    def start_server(self):
+        self.daemons["server"] = Daemon("server", [
+            "server", "start", "--kit", str(self.fed.server_kit), "--state", str(self.state),
+            "--host", "127.0.0.1", "--port", str(self.port)], self.root / "server.log")
+        self.daemons["server"].wait_for("site keys:", timeout=120)
+
+    def start_site(self, site):
+        self.daemons[site] = Daemon(site, ["site", "start", "--kit", str(self.fed.site_kits[site])],
+                                    self.root / f"{site}.log", flwr_home=self.root / f"home-{site}")
+        return self.daemons[site]
+
+    def submit(self, name, *sets, background=False):
+        out = self.root / name
+        args = [PYTHON, "-m", "simulations.cli", "run", "--server", self.address, "--kit",
+                str(self.fed.site_kits["a"]), "--out", str(out / "local"), "--server-output",
+                str(out / "server"), "--flwr-home", str(self.root / "researcher-flwr")]
+        for text in [*SMOKE, *sets]:
+            args += ["--set", text]
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env(), start_new_session=True)
+        return (proc, out) if background else (_finish(proc), out)
+
+    def stop_all(self):
+        codes = {}
+        for name in [n for n in self.daemons if n != "server"] + ["server"]:
+            if name in self.daemons:
+                codes[name] = self.daemons[name].stop()
+        return codes
+
+
+def _finish(proc, timeout=400):
+    text, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, text[-4000:]
+    return text
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    fed = Federation(tmp_path_factory.mktemp("live"))
+    try:
+        fed.start_server()
+        for site in "abc":
+            fed.start_site(site)
+        wait_online(fed.flwr_home, 3)
+        yield fed
+    finally:
+        codes = fed.stop_all()
+        # Stopped cleanly by SIGTERM (the killed sites excepted).
+        assert codes.get("server") in (0, None), fed.daemons["server"].text()[-2000:]
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_daemons_say_which_port_and_certificate(federation):
+    server = federation.daemons["server"].text()
+    assert f"https://127.0.0.1:{federation.port}" in server
+    assert str(federation.fed.server_kit / "server.pem") in server
+    assert "site keys: a (registered), b (registered), c (registered)" in server
+    site = federation.daemons["a"].text()
+    assert f"connecting to {federation.address}" in site
+    assert str(federation.fed.site_kits["a"] / "ca.pem") in site
+
+
+def test_unregistered_key_and_wrong_ca_are_refused(federation, tmp_path):
+    rogue = tmp_path / "rogue"  # same CA, but its key was never registered
+    write_site_kit(rogue, "rogue", (federation.fed.ca_dir / "ca.pem").read_bytes(),
+                   federation.address)
+    fill_site_toml(rogue, federation.data["a"], federation.address, free_port())
+    other = provision(tmp_path / "other", "localhost", ["b"])  # another federation's CA
+    stranger = other.site_kits["b"]
+    fill_site_toml(stranger, federation.data["b"], federation.address, free_port())
+    procs = {name: subprocess.Popen(
+        [PYTHON, "-m", "simulations.cli", "site", "start", "--kit", str(kit),
+         "--max-wait-time", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env(), start_new_session=True) for name, kit in [("rogue", rogue),
+                                                             ("stranger", stranger)]}
+    results = {name: p.communicate(timeout=120) for name, p in procs.items()}
+    assert procs["rogue"].returncode != 0
+    assert "not registered" in results["rogue"][1], results["rogue"]
+    assert procs["stranger"].returncode != 0
+    assert "not signed by this kit's CA" in results["stranger"][1], results["stranger"]
+    assert "No SuperNode found with the given public key" in federation.daemons["server"].text()
+
+
+def test_two_rounds_over_tls_with_dp_each_site_keeps_its_data_and_its_ledger(federation):
+    text, out = federation.submit("dp", "federation.clients=3", "privacy.enabled=true",
+                                  "federation.fraction_evaluate=0.0")
+    local = json.loads((out / "local" / "run.json").read_text())
+    assert local["status"] == "finished:completed"
+    assert local["rounds_completed"] == 2
+    rows = _rows(out / "server" / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["clients_trained"] == 3 and r["clients_failed"] == 0 for r in rows)
+    assert sorted(rows[-1]["epsilon"]) == ["a", "b", "c"]
+    assert (out / "local" / "model.pt").is_file()  # same host: the server's files are copied
+    assert [r["round"] for r in _rows(out / "local" / "metrics.jsonl")] == [1, 2]
+    for site in "abc":
+        state = load(federation.fed.site_kits[site] / "ledger" / LEDGER_FILENAME)
+        events = [e for e in state.events if str(e.run) == str(local["run_id"])]
+        assert {e.round for e in events} == {1, 2}
+        assert max(e.epsilon_after for e in events) == pytest.approx(rows[-1]["epsilon"][site])
+    # No site's raw examples reach the server: its state database and outputs hold none.
+    server_bytes = b"".join(p.read_bytes() for p in federation.state.glob("superlink.db*"))
+    server_bytes += b"".join(p.read_bytes() for p in (out / "server").rglob("*") if p.is_file())
+    for site in "abc":
+        with np.load(federation.data[site]) as npz:
+            assert npz["x"][0].tobytes()[:64] not in server_bytes
+
+
+def _kill_during_round(federation, site, *sets):
+    daemon = federation.start_site(site)
+    wait_online(federation.flwr_home, 4)
+    # One round, no federated evaluation: the round the site dies in is what is tested.
+    proc, out = federation.submit(f"kill-{site}", "federation.clients=3", "federation.rounds=1",
+                                  "federation.fraction_evaluate=0.0", *sets, background=True)
+    daemon.wait_for("Receiving: train message", timeout=240)
+    (supernode,) = daemon.children()
+    os.killpg(supernode, signal.SIGKILL)  # the SuperNode and its ClientApp, as in a crash
+    killed_at = time.monotonic()
+    _finish(proc)
+    rows = _rows(out / "server" / "metrics.jsonl")
+    return rows, time.monotonic() - killed_at
+
+
+def test_a_site_killed_mid_round_without_secagg_the_round_completes_with_the_rest(federation):
+    rows, _ = _kill_during_round(federation, "d")
+    assert len(rows) == 1
+    assert rows[0]["clients_trained"] == 3 and rows[0]["clients_failed"] == 1
+
+
+def test_a_site_killed_mid_round_with_secagg_dropout_tolerance_completes_it(federation):
+    rows, _ = _kill_during_round(federation, "e", "secagg.enabled=true")
+    assert len(rows) == 1
+    assert rows[0]["clients_trained"] == 3 and rows[0]["clients_failed"] == 1
