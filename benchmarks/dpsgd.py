@@ -12,6 +12,9 @@ step (``zero_grad``, forward, loss, ``backward``, ``step``) of
 * ``privfed``: the book-keeping engine, the faster of NCHW and channels-last;
 * ``privfed_csprng``: the same with the default ChaCha20 noise instead of ``torch.normal``.
 
+It also times the two noise sources alone for the cnn2d parameter count (``noise`` in the
+JSON: ``kernels.gaussian_noise`` vs ``torch.normal``, 1 thread, interleaved medians).
+
 All private modes use ``torch.normal`` noise (as Opacus outside secure mode) unless named
 ``_csprng``. Modes are interleaved round by round, so machine load hits them alike; each
 figure is the median over rounds of the mean step time within a round. Ratios are over
@@ -32,7 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from benchmarks._common import paired_medians
 from client.dpsgd import ClippingMode, default_noise_fn, make_private_round, torch_noise_fn
+from kernels.keys import MaskKey
+from kernels.noise import gaussian_noise
 from shared.models import DEFAULT_SPECS, get_model
 
 BATCH = 64
@@ -124,6 +130,17 @@ def run_one(name: str, threads: int, rounds: int, inner: int) -> dict[str, float
     return res
 
 
+def noise_timings(n: int, repeat: int) -> dict[str, float]:
+    """ms per draw of ``n`` N(0, 1) floats: ChaCha20 Box-Muller vs torch.normal (1 thread)."""
+    torch.set_num_threads(1)
+    key, gen = MaskKey(bytes(32), bytes(12)), torch.Generator().manual_seed(0)
+    chacha, mt = paired_medians(lambda: gaussian_noise(n, 1.0, key),
+                                lambda: torch.normal(0.0, 1.0, size=(n,), generator=gen),
+                                repeat=repeat, warmup=3)
+    return {"params": n, "chacha20_gaussian_ms": round(chacha * 1e3, 3),
+            "torch_normal_ms": round(mt * 1e3, 3)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
@@ -139,6 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
             results[key] = run_one(name, threads, rounds, inner)
             if not args.json:
                 print(key, json.dumps(results[key]))
+    params = sum(p.numel() for p in get_model("cnn2d").parameters())
+    noise = noise_timings(params, 15 if args.quick else 101)
     head = results["cnn2d/threads=1"]
     summary = {
         "benchmark": "dpsgd", "batch": BATCH, "device": "cpu",
@@ -147,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
         "opacus_ghost_ratio": head["opacus_ghost_ratio"],
         "headline": "cnn2d (28x28), batch 64, 1 thread; noise torch.normal in every mode",
         "results": results,
+        "noise": noise,
     }
     print(json.dumps(summary))
     return summary

@@ -137,9 +137,10 @@ _FIXES = {
 def default_noise_fn() -> NoiseFn:
     """The noise source used when none is injected: a CSPRNG Gaussian.
 
-    Each draw is :func:`kernels.gaussian_noise` (ChaCha20 stream, Box-Muller) under a fresh
-    key and nonce from ``secrets`` (the OS CSPRNG), so no key is ever reused and the noise
-    is unpredictable to anyone who sees the model.
+    Each draw is :func:`kernels.gaussian_noise` (ChaCha20 stream, Box-Muller with a 63-bit
+    radius: tails to 9.4 sigma) under a fresh key and nonce from ``secrets`` (the OS
+    CSPRNG), so no key is ever reused and the noise is unpredictable to anyone who sees the
+    model.
     """
 
     def noise(shape: tuple[int, ...], std: float, device: torch.device) -> torch.Tensor:
@@ -150,7 +151,10 @@ def default_noise_fn() -> NoiseFn:
 
 
 def torch_noise_fn(generator: torch.Generator | None = None) -> NoiseFn:
-    """``torch.normal`` noise (what Opacus uses outside ``secure_mode``), ~5x faster here.
+    """``torch.normal`` noise (what Opacus uses outside ``secure_mode``).
+
+    No faster than :func:`default_noise_fn` on CPU any more (both ~0.6 ms for 215k floats,
+    1 thread), and its float32 draws are cut at 5.8 sigma (24-bit uniforms).
 
     Mersenne Twister is *not* a CSPRNG: for tests and benchmarks; production keeps
     :func:`default_noise_fn`. Default generator: seeded with 63 bits from ``secrets``.

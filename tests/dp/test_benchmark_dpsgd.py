@@ -1,0 +1,33 @@
+"""benchmarks.dpsgd smoke run: every mode steps, ratios are over the non-private step."""
+
+import warnings
+
+import pytest
+import torch
+
+from benchmarks.dpsgd import noise_timings, run_one
+
+warnings.filterwarnings("ignore", module="opacus")
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The benchmark pins torch's thread count; give other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_run_one_reports_every_mode_and_ratio():
+    res = run_one("cnn1d", threads=1, rounds=1, inner=1)
+    for mode in ("nonprivate", "opacus_hooks", "opacus_ghost", "privfed", "privfed_csprng"):
+        assert res[f"{mode}_ms"] > 0
+    for mode in ("opacus_hooks", "opacus_ghost", "privfed", "privfed_csprng"):
+        assert res[f"{mode}_ratio"] == pytest.approx(res[f"{mode}_ms"] / res["nonprivate_ms"],
+                                                     rel=2e-3, abs=2e-3)
+
+
+def test_noise_timings_keys():
+    out = noise_timings(1001, repeat=3)
+    assert out["params"] == 1001 and out["chacha20_gaussian_ms"] > 0 and out["torch_normal_ms"] > 0
