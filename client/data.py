@@ -12,8 +12,10 @@ import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
 from shared.config import DataConfig, Dataset, RunConfig
-from shared.data import ArrayDataset, DataError, holdout, load, load_site_file
+from shared.data import ArrayDataset, DataError, SplitDataset, holdout, load, load_site_file
 from shared.models import InputSpec
 from shared.partition import partition
 from shared.wire import NUM_PARTITIONS, PARTITION_ID
@@ -59,19 +61,30 @@ def _file_spec(data: ArrayDataset) -> InputSpec:
     return InputSpec(tuple(data.x.shape[1:]), int(data.y.max()) + 1)
 
 
-@functools.lru_cache(maxsize=64)
-def _partition(data_config: DataConfig, seed: int, pid: int, num_partitions: int) -> SiteData:
-    pooled = load(data_config)
-    parts = partition(
-        pooled.train.y,
+@functools.lru_cache(maxsize=2)
+def _pooled(data_config: DataConfig) -> SplitDataset:
+    """The pooled data set, read once per process (a simulation's sites share it)."""
+    return load(data_config)
+
+
+@functools.lru_cache(maxsize=2)
+def _parts(data_config: DataConfig, seed: int, num_partitions: int) -> list[np.ndarray]:
+    """Every site's example indices, computed once per process and split."""
+    return partition(
+        _pooled(data_config).train.y,
         num_partitions,
         data_config.partitioner,
         seed=seed,
         alpha=data_config.alpha,
         shards_per_site=data_config.shards_per_client,
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _partition(data_config: DataConfig, seed: int, pid: int, num_partitions: int) -> SiteData:
     if not 0 <= pid < num_partitions:
         raise DataError(f"{PARTITION_ID} {pid} is outside 0..{num_partitions - 1}")
-    mine = pooled.train.subset(parts[pid])
+    pooled = _pooled(data_config)
+    mine = pooled.train.subset(_parts(data_config, seed, num_partitions)[pid])
     train, val = holdout(mine, data_config.val_fraction, seed=seed + pid)
     return SiteData(train, val, pooled.spec, site_id=pid)
