@@ -12,7 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -21,6 +21,9 @@ from shared.config import ConfigError, RunConfig
 from shared.data import DataError, load
 from shared.models import UnknownModelError
 from simulations.scenario import DEFAULT_SCENARIO, ScenarioError, compose, read_scenario
+
+if TYPE_CHECKING:
+    from simulations.run import Backend
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="privfed: private federated learning on Flower.")
@@ -50,16 +53,28 @@ def simulate(
     out: Annotated[Path | None, typer.Option(help="output folder")] = None,
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
+    backend: Annotated[
+        str, typer.Option(help="where sites run: inprocess (this machine's cores) or ray")
+    ] = "inprocess",
+    workers: Annotated[
+        int | None,
+        typer.Option(help="inprocess: worker processes (default: one per core; 0: none)"),
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="ray: address of an existing Ray cluster")
+    ] = None,
 ) -> None:
     """Run a simulated federation and write metrics.jsonl, summary.json and metrics.png."""
     from simulations.run import run_scenario
 
     try:
+        chosen = _backend(backend, workers, ray_address)
         flat = compose(read_scenario(scenario), set_ or [])
         config = RunConfig.from_flat(flat)
         load(config.data)  # a data problem is reported before any site starts
         out_dir = out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
-        summary = run_scenario(flat, out_dir, console=console, verbose=verbose)
+        summary = run_scenario(flat, out_dir, console=console, verbose=verbose, backend=chosen,
+                               workers=workers, ray_address=ray_address)  # fmt: skip
     except USER_ERRORS as exc:
         if debug:
             raise
@@ -70,6 +85,25 @@ def simulate(
         raise fail(f"simulation failed: {type(exc).__name__}: {exc} (--debug shows the traceback)",
                    code=1) from None
     console.print_json(json.dumps(summary_view(summary)))
+
+
+def _backend(name: str, workers: int | None, ray_address: str | None) -> Backend:
+    """The ``--backend`` choice, checked with the options that go with it."""
+    from simulations.run import Backend
+
+    try:
+        chosen = Backend(name)
+    except ValueError:
+        options = ", ".join(b.value for b in Backend)
+        raise ConfigError(
+            f"--backend: unknown backend {name!r}; expected one of: {options}"
+        ) from None
+    if workers is not None and (chosen is not Backend.INPROCESS or workers < 0):
+        raise ConfigError(f"--workers must be >= 0 and needs --backend inprocess, got {workers} "
+                          f"with --backend {chosen.value}")  # fmt: skip
+    if ray_address is not None and chosen is not Backend.RAY:
+        raise ConfigError("--ray-address needs --backend ray")
+    return chosen
 
 
 def summary_view(summary: dict[str, object]) -> dict[str, object]:

@@ -1,8 +1,12 @@
-"""Run a scenario on Flower's Simulation Engine (Ray backend).
+"""Run a scenario on Flower's Simulation Engine (the Ray backend, for scale-out).
 
 The unchanged ``server.app:app`` and ``client.app:app`` run exactly as in
 deployment; every virtual site gets Flower's simulation node config
-(``partition-id``, ``num-partitions``) and the run config of the scenario.
+(``partition-id``, ``num-partitions``) and the run config of the scenario. The
+ServerApp sees Flower's grid through :class:`simulations.ordering.CanonicalGrid`
+(nodes in partition order, replies sorted by partition), so a seed gives the same
+model as on the in-process backend. With ``ray_address`` the ClientApps run on an
+existing Ray cluster (whose nodes must have privfed installed).
 
 Flower 1.41's public ``run_simulation`` cannot pass a run config, so
 :func:`run_on_ray` calls its internal ``_run_simulation`` with a ``Run`` whose
@@ -22,16 +26,28 @@ from typing import Any
 from simulations.scenario import PROJECT_DIR
 
 
-def _backend_config(num_cpus: int) -> dict[str, Any]:
-    return {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": num_cpus, "include_dashboard": False,
-                      "logging_level": logging.ERROR, "log_to_driver": True},
-    }
+def _backend_config(num_cpus: int, address: str | None = None) -> dict[str, Any]:
+    init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR,
+                                 "log_to_driver": True}  # fmt: skip
+    if address:  # a running cluster brings its own resources
+        init_args["address"] = address
+    else:
+        init_args["num_cpus"] = num_cpus
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
 
 
-def run_on_ray(flat_config: Mapping[str, Any], num_sites: int, *, verbose: bool = False) -> None:
-    """Run the apps on Flower's Simulation Engine with ``num_sites`` virtual sites."""
+def run_on_ray(
+    flat_config: Mapping[str, Any],
+    num_sites: int,
+    *,
+    verbose: bool = False,
+    address: str | None = None,
+) -> None:
+    """Run the apps on Flower's Simulation Engine with ``num_sites`` virtual sites.
+
+    ``address``: an existing Ray cluster (``ray://host:10001`` or ``host:6379``); by
+    default a local Ray instance with one ClientApp actor per core.
+    """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -45,6 +61,7 @@ def run_on_ray(flat_config: Mapping[str, Any], num_sites: int, *, verbose: bool 
 
     from client.app import app as client_app
     from server.app import app as server_app
+    from simulations.ordering import canonical_server_app
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -63,9 +80,9 @@ def run_on_ray(flat_config: Mapping[str, Any], num_sites: int, *, verbose: bool 
         num_supernodes=num_sites,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
         client_app=client_app,
-        server_app=server_app,
+        server_app=canonical_server_app(server_app),
         backend_name="ray",
-        backend_config=_backend_config(os.cpu_count() or 1),
+        backend_config=_backend_config(os.cpu_count() or 1, address),
         server_app_context=context,
         app_dir=str(PROJECT_DIR),
         run=run,

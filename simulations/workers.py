@@ -1,0 +1,305 @@
+"""Where a simulation's ClientApp calls run: inline, or in a pool of warm worker processes.
+
+One call is what a Flower SuperNode does with one message: ``reply = app(message, context)``,
+an exception becoming an error reply (the reason worded as Flower's Simulation Engine words
+it), the context kept only when the call succeeds. Guarantees:
+
+* A call is a pure function of ``(message, context)``: it runs with one torch thread (as a
+  Ray actor with one CPU does) and starts from global RNG states (``random``, numpy, torch)
+  seeded from (run seed, partition, round, message type), and the caller's RNG states are
+  restored afterwards. So its result does not depend on which worker ran it, on what that
+  worker ran before, or on the number of workers.
+* Workers start with the ClientApp imported and warmed up (on Linux they are forked from
+  this process after it imported the app, before any other thread starts; elsewhere
+  spawned) and live for the whole run, so whatever the app caches per process (data sets,
+  site partitions) stays warm between rounds. They hold no model between calls and no site
+  state: contexts travel with each call.
+* A worker that dies mid-call (segfault, out of memory, ``os._exit``) answers that call
+  with an error reply naming the exit code and is replaced by a freshly spawned one; the
+  run goes on. A worker that cannot load the ClientApp stops the run
+  (:class:`WorkerStartError`).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import logging
+import multiprocessing as mp
+import os
+import random
+import zlib
+from collections import deque
+from collections.abc import Callable
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from flwr.app import Context, Error, Message
+from flwr.clientapp.client_app import ClientAppException
+from flwr.common.constant import ErrorCode
+
+from shared.wire import PARTITION_ID
+
+#: The ClientApp a simulation runs (``[tool.flwr.app.components] clientapp``).
+CLIENT_APP = "client.app:app"
+
+#: What a finished call yields: (task id, reply, the updated context or None on failure).
+Done = tuple[str, Message, Context | None]
+
+ClientAppFn = Callable[[Message, Context], Message]
+
+
+def default_workers() -> int:
+    """The CPU cores this process may use (the default ``--workers``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def load_app(ref: str) -> ClientAppFn:
+    """``"module:attribute"`` to the object it names."""
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+
+
+def warm_up() -> None:
+    """Do once per process what a first training call would otherwise pay for (torch
+    imports its compiler stack the first time an optimizer is built: ~1.5 s)."""
+    torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
+
+def call_seed(message: Message, context: Context) -> int:
+    """The seed of a call's global RNGs: (run seed, partition, round, message type)."""
+    seed = int(context.run_config.get("federation.seed", 0))  # type: ignore[call-overload]
+    site = int(context.node_config.get(PARTITION_ID, context.node_id))  # type: ignore[call-overload]
+    meta = message.metadata
+    words = [seed & 0xFFFFFFFF, site, zlib.crc32(meta.group_id.encode()),
+             zlib.crc32(meta.message_type.encode())]  # fmt: skip
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
+
+
+@contextmanager
+def _isolated(seed: int):  # type: ignore[no-untyped-def]
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    threads = torch.get_num_threads()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+
+
+def error_reply(message: Message, code: int, reason: str) -> Message:
+    """An error reply to ``message`` (what the server counts as a failed site)."""
+    return Message(Error(code=code, reason=reason), reply_to=message)
+
+
+def call_site(
+    app: ClientAppFn, message: Message, context: Context
+) -> tuple[Message, Context | None]:
+    """Run one ClientApp call; an exception becomes an error reply and drops the context.
+
+    The error reason is the one Flower's Simulation Engine gives (the Ray actor wraps the
+    exception in ``ClientAppException``), so ``failures`` read the same on both backends.
+    """
+    try:
+        with _isolated(call_seed(message, context)):
+            reply = app(message, context)
+    except Exception as exc:  # noqa: BLE001 - a site's failure is reported, never raised
+        wrapped = ClientAppException(str(exc))
+        reason = str(type(wrapped)) + ":<'" + str(wrapped) + "'>"
+        return error_reply(message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), None
+    return reply, context
+
+
+class SiteExecutor(Protocol):
+    """Runs ClientApp calls; :class:`InlineSites` or :class:`SitePool`."""
+
+    def submit(self, task_id: str, message: Message, context: Context) -> None: ...
+
+    def wait(self, timeout: float | None) -> list[Done]:
+        """Finished calls not yet handed out; blocks up to ``timeout`` for at least one
+        while calls are outstanding (returns ``[]`` at once when none are)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class InlineSites:
+    """Calls run in the calling thread, one at a time (``--workers 0``: tests, debugging)."""
+
+    def __init__(self, app_ref: str = CLIENT_APP) -> None:
+        self._app = load_app(app_ref)
+        self._done: list[Done] = []
+
+    def submit(self, task_id: str, message: Message, context: Context) -> None:
+        reply, updated = call_site(self._app, message, context)
+        self._done.append((task_id, reply, updated))
+
+    def wait(self, timeout: float | None) -> list[Done]:
+        done, self._done = self._done, []
+        return done
+
+    def close(self) -> None:
+        self._done.clear()
+
+
+def _serve(conn: Connection, app_ref: str, log_level: int) -> None:
+    """A worker: import the ClientApp once, then answer calls until told to stop."""
+    logging.getLogger("flwr").setLevel(log_level)
+    torch.set_num_threads(1)
+    try:
+        try:
+            app = load_app(app_ref)
+            warm_up()
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises
+            conn.send((_FAILED, f"{type(exc).__name__}: {exc}"))
+            return
+        conn.send((_READY, None))
+        while (task := conn.recv()) is not None:
+            task_id, message, context = task
+            conn.send((_DONE, (task_id, *call_site(app, message, context))))
+    except (EOFError, KeyboardInterrupt, BrokenPipeError):
+        return
+
+
+_READY, _FAILED, _DONE = "ready", "failed", "done"
+
+
+class WorkerStartError(RuntimeError):
+    """A worker process could not load the ClientApp (the run cannot go on)."""
+
+
+@dataclass
+class _Worker:
+    process: Any  # multiprocessing.context.SpawnProcess
+    conn: Connection
+    task: tuple[str, Message] | None = None
+    ready: bool = False
+
+
+class SitePool:
+    """``size`` worker processes; calls go to whichever worker is free.
+
+    Calls are dispatched in submission order to idle workers; a worker runs one call at
+    a time, so no pipe can fill while both ends write. Create the pool before starting
+    threads in this process (forked workers inherit only the creating thread).
+    """
+
+    def __init__(self, size: int, app_ref: str = CLIENT_APP, *, verbose: bool = False,
+                 start_method: str | None = None) -> None:  # fmt: skip
+        if size < 1:
+            raise ValueError(f"a worker pool needs >= 1 worker, got {size}")
+        if start_method is None:
+            start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        if start_method == "fork":  # children inherit the imported, warmed-up app
+            load_app(app_ref)
+            warm_up()
+        self._ctx = mp.get_context(start_method)
+        self._respawn_ctx = mp.get_context("spawn")  # threads may run by then
+        self._app_ref = app_ref
+        self._log_level = logging.INFO if verbose else logging.WARNING
+        self._queue: deque[tuple[str, Message, Context]] = deque()
+        self._done: list[Done] = []
+        # Forked children would otherwise walk (and so copy) every inherited object in
+        # their garbage collections; frozen objects are left alone.
+        gc.freeze()
+        try:
+            self._workers = [self._spawn() for _ in range(size)]
+        finally:
+            gc.unfreeze()
+
+    def _spawn(self, ctx: Any = None) -> _Worker:
+        ctx = ctx or self._ctx
+        parent, child = ctx.Pipe()
+        process = ctx.Process(target=_serve, args=(child, self._app_ref, self._log_level),
+                                    daemon=True, name="privfed-site-worker")  # fmt: skip
+        process.start()
+        child.close()
+        return _Worker(process, parent)
+
+    def submit(self, task_id: str, message: Message, context: Context) -> None:
+        self._queue.append((task_id, message, context))
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        for worker in self._workers:
+            if not self._queue:
+                return
+            if worker.task is None:
+                task_id, message, context = self._queue.popleft()
+                worker.task = (task_id, message)
+                worker.conn.send((task_id, message, context))
+
+    def wait(self, timeout: float | None) -> list[Done]:
+        if not self._done and any(w.task for w in self._workers):
+            busy = [w for w in self._workers if w.task is not None]
+            ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout)
+            for worker in busy:
+                if worker.conn in ready or worker.process.sentinel in ready:
+                    self._receive(worker)
+            self._dispatch()
+        done, self._done = self._done, []
+        return done
+
+    def _receive(self, worker: _Worker) -> None:
+        """Take what a busy worker sent; a worker that died answers its call with an error."""
+        if worker.task is None:  # only busy workers are waited on
+            return
+        task_id, message = worker.task
+        try:
+            kind, payload = worker.conn.recv()
+        except (EOFError, OSError):  # the process died
+            worker.process.join(timeout=5)
+            code = worker.process.exitcode
+            if not worker.ready:
+                raise WorkerStartError(f"a site worker exited with code {code} before it "
+                                       f"loaded the ClientApp {self._app_ref}") from None
+            reason = f"the site's process exited with code {code} while handling the message"
+            self._done.append((task_id, error_reply(message, ErrorCode.UNKNOWN, reason), None))
+            worker.conn.close()
+            fresh = self._spawn(self._respawn_ctx)
+            worker.process, worker.conn, worker.ready = fresh.process, fresh.conn, False
+        else:
+            if kind == _FAILED:
+                raise WorkerStartError(f"a site worker could not load the ClientApp "
+                                       f"{self._app_ref}: {payload}")
+            if kind == _READY:
+                worker.ready = True
+                return
+            reply_id, reply, updated = payload
+            self._done.append((reply_id, reply, updated))
+        worker.task = None
+
+    def close(self) -> None:
+        for worker in self._workers:
+            with suppress(BrokenPipeError, OSError):
+                worker.conn.send(None)
+        for worker in self._workers:
+            worker.process.join(timeout=5)
+            if worker.process.is_alive():
+                worker.process.terminate()
+                worker.process.join()
+            worker.conn.close()
+
+
+def make_executor(
+    workers: int, app_ref: str = CLIENT_APP, *, verbose: bool = False
+) -> SiteExecutor:
+    """``workers`` = 0: inline in this process; otherwise a :class:`SitePool` of that size."""
+    if workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {workers}")
+    if workers == 0:
+        return InlineSites(app_ref)
+    return SitePool(workers, app_ref, verbose=verbose)
