@@ -71,7 +71,7 @@ def gaussian_noise(
         * The same values on every run for a key.
 
     Cost on CPU: the keystream (OpenSSL, ~6 GB/s) plus a vectorised float32 transform in
-    chunks that stay in L2; about as fast as ``torch.normal`` (see benchmarks.kernels).
+    chunks that stay in L2; about as fast as ``torch.normal`` (``noise`` in benchmarks.dpsgd).
 
     This is floating-point noise (as in Opacus): use :func:`discrete_gaussian_noise` where
     the privacy proof needs an exact distribution.

@@ -21,6 +21,7 @@ from kernels.per_sample import (
     use_im2col,
     weighted_sum,
 )
+from kernels.per_sample import conv as conv_module
 from kernels.per_sample import group_norm as group_norm_module
 from kernels.per_sample.workspace import Workspace
 
@@ -65,8 +66,13 @@ CONV_CASES = [
 @pytest.mark.parametrize("case", CONV_CASES)
 @pytest.mark.parametrize("b", [1, 3, 18])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_conv_per_sample_grads(case, b, channels_last):
+@pytest.mark.parametrize("min_positions", [0, conv_module.IM2COL_MIN_POSITIONS])
+def test_conv_per_sample_grads(case, b, channels_last, min_positions, monkeypatch):
+    """Both paths: 0 sends every single-input-channel layer through im2col."""
+    monkeypatch.setattr(conv_module, "IM2COL_MIN_POSITIONS", min_positions)
     nd, c_in, c_out, k, stride, pad, dil, groups, size = case
+    if min_positions == 0 and (c_in, groups) != (1, 1):
+        pytest.skip("im2col is only for single-input-channel layers")
     if channels_last and nd != 2:
         pytest.skip("channels_last is a 2-D layout")
     torch.manual_seed(b * 31 + c_in)
