@@ -184,3 +184,15 @@ def test_a_site_killed_mid_round_with_secagg_dropout_tolerance_completes_it(fede
     rows, _ = _kill_during_round(federation, "e", "secagg.enabled=true")
     assert len(rows) == 1
     assert rows[0]["clients_trained"] == 3 and rows[0]["clients_failed"] == 1
+
+
+def test_server_without_tls_starts_only_with_insecure_and_warns(tmp_path):
+    port = str(free_port())
+    server = Daemon("insecure", ["server", "start", "--state", str(tmp_path / "state"),
+                                 "--host", "127.0.0.1", "--port", port, "--insecure"],
+                    tmp_path / "insecure.log")
+    try:
+        server.wait_for("Uvicorn running on http://127.0.0.1:" + port, timeout=120)
+        assert "WARNING: --insecure: no TLS and no site authentication" in server.text()
+    finally:
+        assert server.stop() == 0, server.text()[-2000:]  # SIGTERM: a clean stop
