@@ -20,6 +20,7 @@ from rich.console import Console
 from shared.config import ConfigError, RunConfig
 from shared.data import DataError, load
 from shared.models import UnknownModelError
+from simulations import deploy_cli
 from simulations.scenario import DEFAULT_SCENARIO, ScenarioError, compose, read_scenario
 
 if TYPE_CHECKING:
@@ -122,6 +123,7 @@ def _mount_optional_commands() -> None:
 
 
 _mount_optional_commands()
+deploy_cli.mount(app)
 
 
 def main() -> None:
