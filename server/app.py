@@ -72,8 +72,10 @@ def build_strategy(config: RunConfig) -> FedAvg:
         config,
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
-        min_train_nodes=min(fed.min_train, fed.clients),
-        min_evaluate_nodes=1,
+        # Sample the full cohort once every site is connected (FedAvg sizes the sample
+        # from the sites connected *before* it waits for min_available_nodes).
+        min_train_nodes=fed.train_cohort(),
+        min_evaluate_nodes=max(1, int(fed.clients * fed.fraction_evaluate)),
         min_available_nodes=fed.clients,
         weighted_by_key=NUM_EXAMPLES,
         train_metrics_aggr_fn=weighted_mean,
