@@ -27,6 +27,7 @@ import importlib
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import random
 import zlib
 from collections import deque
@@ -136,16 +137,25 @@ class SiteExecutor(Protocol):
     def close(self) -> None: ...
 
 
+def _copy(obj: Any) -> Any:
+    return pickle.loads(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
 class InlineSites:
-    """Calls run in the calling thread, one at a time (``--workers 0``: tests, debugging)."""
+    """Calls run in the calling thread, one at a time (``--workers 0``: tests, debugging).
+
+    The message, context and reply are copied as a pool's pipe copies them, so a site that
+    changes what it received (or a failed call that changed its state) changes nothing
+    on the server's side, exactly as with workers.
+    """
 
     def __init__(self, app_ref: str = CLIENT_APP) -> None:
         self._app = load_app(app_ref)
         self._done: list[Done] = []
 
     def submit(self, task_id: str, message: Message, context: Context) -> None:
-        reply, updated = call_site(self._app, message, context)
-        self._done.append((task_id, reply, updated))
+        reply, updated = call_site(self._app, _copy(message), _copy(context))
+        self._done.append((task_id, _copy(reply), updated))
 
     def wait(self, timeout: float | None) -> list[Done]:
         done, self._done = self._done, []
