@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
+from server.checkpoint import CheckpointError
 from shared.config import ConfigError, RunConfig
 from shared.data import DataError, load
 from shared.models import UnknownModelError
@@ -32,7 +33,8 @@ console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 #: Errors a user can fix; shown as one line.
-USER_ERRORS = (ScenarioError, ConfigError, DataError, UnknownModelError, FileNotFoundError)
+USER_ERRORS = (ScenarioError, ConfigError, DataError, UnknownModelError, FileNotFoundError,
+               CheckpointError)
 
 
 @app.callback()
@@ -64,16 +66,23 @@ def simulate(
     ray_address: Annotated[
         str | None, typer.Option(help="ray: address of an existing Ray cluster")
     ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="continue the run in this folder from its last good checkpoint"),
+    ] = None,
 ) -> None:
     """Run a simulated federation and write metrics.jsonl, summary.json and metrics.png."""
     from simulations.run import run_scenario
 
     try:
         chosen = _backend(backend, workers, ray_address)
-        flat = compose(read_scenario(scenario), set_ or [])
+        if resume is not None:
+            flat, out_dir = resumable(resume, set_ or []), resume
+        else:
+            flat = compose(read_scenario(scenario), set_ or [])
+            out_dir = out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
         config = RunConfig.from_flat(flat)
         load(config.data)  # a data problem is reported before any site starts
-        out_dir = out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
         summary = run_scenario(flat, out_dir, console=console, verbose=verbose, backend=chosen,
                                workers=workers, ray_address=ray_address)  # fmt: skip
     except USER_ERRORS as exc:
@@ -86,6 +95,21 @@ def simulate(
         raise fail(f"simulation failed: {type(exc).__name__}: {exc} (--debug shows the traceback)",
                    code=1) from None
     console.print_json(json.dumps(summary_view(summary)))
+
+
+def resumable(run_dir: Path, overrides: list[str]) -> dict[str, object]:
+    """The run config of the interrupted run in ``run_dir``, set to resume it.
+
+    Raises:
+        server.checkpoint.CheckpointError: the folder has no usable checkpoint.
+    """
+    from server.checkpoint import CheckpointStore
+
+    checkpoint = CheckpointStore(run_dir).latest()
+    if checkpoint is None:
+        raise CheckpointError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+    flat = compose(checkpoint.run_config, overrides, defaults=checkpoint.run_config)
+    return {**flat, "output.dir": str(run_dir.expanduser().resolve()), "output.resume": True}
 
 
 def _backend(name: str, workers: int | None, ray_address: str | None) -> Backend:

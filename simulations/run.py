@@ -47,8 +47,10 @@ def run_scenario(
     """
     started = time.perf_counter()
     out_dir = output_path(out)
-    if (out_dir / METRICS_FILE).exists():
-        raise ConfigError(f"output folder {out_dir} already holds a run; choose another --out")
+    resuming = bool(flat.get("output.resume"))
+    if (out_dir / METRICS_FILE).exists() and not resuming:
+        raise ConfigError(f"output folder {out_dir} already holds a run; choose another --out "
+                          "(or --resume it)")
     flat = {**flat, "output.dir": str(out_dir)}
     config = RunConfig.from_flat(flat)
     console.print(f"privfed: simulating {config.federation.clients} sites x "

@@ -181,3 +181,43 @@ def test_smoke_with_privacy_reports_epsilon_per_site(tmp_path):
         assert ledger["spent_epsilon"] == pytest.approx(last)
         assert [e["round"] for e in ledger["events"]] == [1, 1, 2, 2]
     assert "epsilon 0:" in result.stdout  # the progress display shows it per site
+
+
+def test_sigkill_mid_run_then_resume_ends_with_the_uninterrupted_model(tmp_path):
+    import signal
+    import time
+
+    import torch
+
+    args = ["simulate", str(SMOKE), "--set", "federation.rounds=4", "--set", "data.samples=500"]
+    clean = tmp_path / "clean"
+    assert privfed(*args, "--out", str(clean)).returncode == 0
+    crashed = tmp_path / "crashed"
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", *args, "--out", str(crashed)],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = crashed / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole simulation, mid round 3
+    proc.wait()
+    before = metrics.read_text().splitlines()[:2]
+    assert not (crashed / "summary.json").exists()
+
+    result = privfed("simulate", "--resume", str(crashed))
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((crashed / "summary.json").read_text())
+    assert summary["resumed_after_round"] in (2, 3)
+    rows = metrics.read_text().splitlines()
+    assert rows[:2] == before  # rounds 1 and 2 were not redone
+    assert [json.loads(r)["round"] for r in rows] == [1, 2, 3, 4]
+    a, b = torch.load(clean / "model.pt"), torch.load(crashed / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_of_a_folder_without_checkpoints_is_one_line(tmp_path):
+    _one_line_error(privfed("simulate", "--resume", str(tmp_path)), "no checkpoint")
