@@ -9,6 +9,7 @@ seeded validation hold-out for federated evaluation.
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from shared.config import DataConfig, Dataset, RunConfig
 from shared.data import ArrayDataset, DataError, SplitDataset, holdout, load, load_site_file
 from shared.models import InputSpec
 from shared.partition import partition
-from shared.wire import NUM_PARTITIONS, PARTITION_ID
+from shared.wire import NUM_PARTITIONS, PARTITION_ID, SITE_NAME_KEY
 
 #: Node-config key of a deployed site's data file.
 DATA_PATH = "data-path"
@@ -46,8 +47,9 @@ def site_data(config: RunConfig, node_config: Mapping[str, object]) -> SiteData:
         # file's spec is read off the file.
         builtin = config.data.dataset in (Dataset.MNIST1D, Dataset.DIGITS)
         spec = load(config.data).spec if builtin else _file_spec(data)
-        train, val = holdout(data, config.data.val_fraction, seed=config.federation.seed)
-        return SiteData(train, val, spec, site_id=0)
+        site_id = _deployed_site_id(node_config)
+        train, val = holdout(data, config.data.val_fraction, seed=config.federation.seed + site_id)
+        return SiteData(train, val, spec, site_id=site_id)
     if PARTITION_ID in node_config and NUM_PARTITIONS in node_config:
         pid, n = int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS])  # type: ignore[call-overload]
         return _partition(config.data, config.federation.seed, pid, n)
@@ -55,6 +57,13 @@ def site_data(config: RunConfig, node_config: Mapping[str, object]) -> SiteData:
         f"node config has neither {DATA_PATH!r} (a site's data file) nor "
         f"{PARTITION_ID!r}/{NUM_PARTITIONS!r} (a simulated site)"
     )
+
+
+def _deployed_site_id(node_config: Mapping[str, object]) -> int:
+    """A stable 31-bit id from the site's name (or its data path), so that sites get
+    different training seeds and fault draws, and each the same one every round."""
+    name = str(node_config.get(SITE_NAME_KEY, node_config[DATA_PATH]))
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little") & 0x7FFF_FFFF
 
 
 def _file_spec(data: ArrayDataset) -> InputSpec:
