@@ -13,7 +13,8 @@ Canonical order (what makes results independent of timing, worker count and back
 
 * ``get_node_ids()`` lists sites in partition order, so a strategy sampling with a seeded
   ``random`` picks the same partitions on every run and on both backends
-  (:class:`simulations.ordering.CanonicalGrid` gives the Ray backend the same order);
+  (:class:`simulations.ordering.CanonicalGrid` gives the Ray backend the same order, and
+  both keep the sampling's ``random`` stream apart, see ``SamplingStream``);
 * replies come back ordered by their site's partition id, never in arrival order, so a
   float sum over them is the same sum every time.
 """
@@ -34,7 +35,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from shared.wire import NUM_PARTITIONS, PARTITION_ID
-from simulations.ordering import InOrderReplies
+from simulations.ordering import InOrderReplies, SamplingStream
 from simulations.workers import SiteExecutor
 
 log = logging.getLogger("flwr.privfed.simulation")
@@ -87,6 +88,10 @@ class VirtualSites:
             context.run_config = self._run_config
         self._contexts[node_id] = context
 
+    @property
+    def run_config(self) -> Mapping[str, Any]:
+        return self._run_config
+
     def contacted(self) -> int:
         """How many sites have a stored context."""
         return len(self._contexts)
@@ -100,6 +105,7 @@ class InProcessGrid(Grid):
         self._run: Run | None = None
         self._dst: dict[str, int] = {}  # message id -> destination node (unanswered)
         self._replies = InOrderReplies()
+        self._sampling = SamplingStream(sites.run_config)
 
     def set_run(self, run: Run) -> None:
         if not isinstance(run, Run):
@@ -117,10 +123,12 @@ class InProcessGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
+        self._sampling.before_sampling()
         return self.sites.node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Hand each message to its site; a message to an unknown node gets no id."""
+        self._sampling.after_sampling()
         ids: list[str] = []
         for msg in messages:
             meta = msg.metadata

@@ -6,17 +6,51 @@ therefore list nodes in partition order and return replies ordered by the partit
 site that sent them:
 
 * :class:`InOrderReplies`: the bookkeeping both grids use;
+* :class:`SamplingStream`: the strategy's draws from Python's global ``random`` start from
+  ``federation.seed`` and continue from where the ServerApp left them, whatever other threads
+  of the process draw in between (Ray's driver threads do);
 * :class:`CanonicalGrid`: wraps the ``InMemoryGrid`` of Flower's Simulation Engine (Ray
   backend); :func:`canonical_server_app` hands it to the unchanged ServerApp.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import random
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
+
+
+class SamplingStream:
+    """Python's global ``random`` as the ServerApp's node sampling sees it.
+
+    Flower's strategies call ``grid.get_node_ids()`` and then draw with the process-wide
+    ``random``. A grid calls :meth:`before_sampling` from ``get_node_ids`` and
+    :meth:`after_sampling` when messages are next pushed: the first sampling starts from
+    ``random.seed(federation.seed)`` and each later one from the state the previous one
+    left, so draws by other threads in between (Ray's pubsub ids, a data generator that
+    reseeds) do not move it. The ServerApp's own ``random.seed`` is the same seed.
+    """
+
+    def __init__(self, run_config: Mapping[str, Any]) -> None:
+        self._seed = int(run_config.get("federation.seed", 0))
+        self._state: Any = None
+        self._open = False  # get_node_ids was called since the last push
+
+    def before_sampling(self) -> None:
+        if self._state is None:
+            random.seed(self._seed)
+        else:
+            random.setstate(self._state)
+        self._open = True
+
+    def after_sampling(self) -> None:
+        if self._open:
+            self._state = random.getstate()
+            self._open = False
 
 
 class InOrderReplies:
@@ -74,9 +108,10 @@ class CanonicalGrid(Grid):
     but not the in-process backend's.
     """
 
-    def __init__(self, inner: Grid) -> None:
+    def __init__(self, inner: Grid, run_config: Mapping[str, Any]) -> None:
         self.inner = inner
         self._replies = InOrderReplies()
+        self._sampling = SamplingStream(run_config)
 
     def _ranks(self) -> dict[int, int]:
         nodes = getattr(getattr(self.inner, "state", None), "nodes", None)
@@ -96,9 +131,12 @@ class CanonicalGrid(Grid):
 
     def get_node_ids(self) -> Iterable[int]:
         ranks = self._ranks()
-        return sorted(self.inner.get_node_ids(), key=lambda n: ranks.get(n, n))
+        nodes = sorted(self.inner.get_node_ids(), key=lambda n: ranks.get(n, n))
+        self._sampling.before_sampling()
+        return nodes
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        self._sampling.after_sampling()
         messages = list(messages)
         ids = list(self.inner.push_messages(messages))
         ranks, pushed = self._ranks(), set(ids)
@@ -116,6 +154,7 @@ class CanonicalGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:  # fmt: skip
+        self._sampling.after_sampling()
         messages = list(messages)
         replies = list(self.inner.send_and_receive(messages, timeout=timeout))
         ranks = self._ranks()
@@ -134,7 +173,7 @@ def canonical_server_app(app: ServerApp) -> ServerApp:
 
     @outer.main()
     def _main(grid: Grid, context: Context) -> None:
-        app(grid=CanonicalGrid(grid), context=context)
+        app(grid=CanonicalGrid(grid, context.run_config), context=context)
 
     return outer
 

@@ -53,8 +53,9 @@ def test_smoke_scenario_runs_end_to_end(smoke_run):
     assert last["final_accuracy"] == summary["final_accuracy"]
 
 
-#: One scenario run on both backends: sites drop out (same sites on both), 3 rounds.
+#: One scenario run on both backends: 2 of 4 sites sampled per round, some drop out, 3 rounds.
 CROSS = ("--set", "federation.rounds=3", "--set", "data.samples=500",
+         "--set", "federation.clients=4", "--set", "federation.fraction_train=0.5",
          "--set", "faults.dropout=0.3")  # fmt: skip
 
 
