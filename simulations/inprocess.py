@@ -33,6 +33,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+from threadpoolctl import threadpool_limits
 
 from shared.wire import NUM_PARTITIONS, PARTITION_ID
 from simulations.ordering import InOrderReplies, SamplingStream
@@ -209,10 +210,12 @@ def run_inprocess(
     TaskIdentity.task_id, TaskIdentity.run_id = 1, run.run_id
     TaskIdentity.node_id = SUPERLINK_NODE_ID
     sites = VirtualSites(num_sites, run.run_id, flat_config)
-    # The server's own torch work (central evaluation) runs on one thread: the cores
-    # belong to the workers, and an idle OpenMP pool spinning here would take them.
+    # The server's own numeric work (central evaluation, reply checks, aggregation) runs
+    # on one thread: the cores belong to the workers, and idle OpenMP/BLAS pools spinning
+    # here would take them (measured: a 52k-element float64 dot product 12 ms vs 0.05 ms).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    limits = threadpool_limits(limits=1)
     try:
         grid = InProcessGrid(sites, executor)
         grid.set_run(run)
@@ -220,4 +223,5 @@ def run_inprocess(
                           run_config=dict(flat_config))  # fmt: skip
         server_app(grid=grid, context=context)
     finally:
+        limits.restore_original_limits()
         torch.set_num_threads(threads)

@@ -42,6 +42,7 @@ import torch
 from flwr.app import Context, Error, Message
 from flwr.clientapp.client_app import ClientAppException
 from flwr.common.constant import ErrorCode
+from threadpoolctl import threadpool_limits
 
 from shared.wire import PARTITION_ID
 
@@ -169,6 +170,7 @@ def _serve(conn: Connection, app_ref: str, log_level: int) -> None:
     """A worker: import the ClientApp once, then answer calls until told to stop."""
     logging.getLogger("flwr").setLevel(log_level)
     torch.set_num_threads(1)
+    threadpool_limits(limits=1)  # BLAS and OpenMP: one worker, one core
     try:
         try:
             app = load_app(app_ref)
