@@ -152,6 +152,7 @@ class InlineSites:
 
     def __init__(self, app_ref: str = CLIENT_APP) -> None:
         self._app = load_app(app_ref)
+        warm_up()
         self._done: list[Done] = []
 
     def submit(self, task_id: str, message: Message, context: Context) -> None:
