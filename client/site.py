@@ -18,15 +18,12 @@ Guarantees:
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,12 +33,12 @@ from typing import Any, TextIO
 from client.data import DATA_PATH
 from client.ledger import NODE_CONFIG_KEYS
 from shared.config import AccountantName
+from shared.process import STOP_GRACE, SignalForwarder, die_with_parent, relay, tool_env
 from shared.wire import SITE_NAME_KEY
 
 SITE_TOML = "site.toml"
 CA_FILE = "ca.pem"
 KEY_FILE = "site.key"
-STOP_GRACE = 20.0
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
 
@@ -238,13 +235,6 @@ def supernode_command(
     return cmd
 
 
-def tool_env() -> dict[str, str]:
-    """This environment with this Python's script folder first on PATH (the SuperNode
-    starts ``flower-superexec``/``flwr-clientapp`` by name; CI has no venv on PATH)."""
-    bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-
 def prepare_ledger_dir(path: Path) -> None:
     """Create the ledger folder with mode 0700 (an existing one is narrowed to 0700)."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -277,63 +267,16 @@ def supervise(cmd: Sequence[str], out: TextIO, hints: Sequence[tuple[str, str]] 
     )
     found: list[str] = []
 
-    def relay() -> None:
-        for line in proc.stdout or ():
-            out.write(line)
-            out.flush()
-            for marker, hint in hints:
-                if marker in line and hint not in found:
-                    found.append(hint)
+    def spot_hints(line: str) -> None:
+        for marker, hint in hints:
+            if marker in line and hint not in found:
+                found.append(hint)
 
-    reader = threading.Thread(target=relay, daemon=True)
-    reader.start()
-    status = wait_forwarding_signals(proc)
+    reader = relay(proc, out, spot_hints)
+    with SignalForwarder(proc, STOP_GRACE) as forwarder:
+        status = forwarder.wait()
     reader.join(timeout=5)
     return status, (found[0] if found else None)
-
-
-def wait_forwarding_signals(proc: subprocess.Popen[str]) -> int:
-    """Wait for ``proc``; forward SIGTERM/SIGINT to its group; kill after a grace period."""
-    stopping = threading.Event()
-
-    def forward(signum: int, _frame: object) -> None:
-        if stopping.is_set():
-            _signal_group(proc, signal.SIGKILL)
-            return
-        stopping.set()
-        _signal_group(proc, signal.SIGTERM)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    deadline: float | None = None
-    try:
-        while True:
-            if deadline is None and stopping.is_set():
-                deadline = time.monotonic() + STOP_GRACE
-            try:
-                return proc.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                if deadline is not None and time.monotonic() > deadline:
-                    _signal_group(proc, signal.SIGKILL)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the supervisor dies, even by SIGKILL.
-
-    Without it a killed supervisor leaves its daemon running unsupervised, its log pipe
-    broken (Linux ``PR_SET_PDEATHSIG``; a no-op elsewhere).
-    """
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-
-
-def _signal_group(proc: subprocess.Popen[str], signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signum)
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,9 @@ Guarantees:
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import tomllib
 from collections.abc import Mapping
@@ -36,12 +32,13 @@ from typing import TextIO
 
 from cryptography import x509
 
+from shared.process import STOP_GRACE, SignalForwarder, die_with_parent, relay, tool_env
+
 CA_FILE, CERT_FILE, KEY_FILE = "ca.pem", "server.pem", "server.key"
 SITES_DIR = "sites"
 DATABASE = "superlink.db"
 FLWR_HOME_DIR = "flwr-home"
 CONNECTION = "privfed-server"
-STOP_GRACE = 20.0
 READY_TIMEOUT = 120.0
 
 
@@ -109,18 +106,6 @@ def superlink_command(kit: ServerKit, state: Path, host: str, port: int) -> list
     cmd += ["--database", str(state / DATABASE), "--host", host, "--port", str(port)]
     cmd.append("--disable-runtime-dependency-installation")
     return cmd
-
-
-def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This environment with this Python's script folder first on PATH.
-
-    Flower's daemons start further Flower executables (``flower-superexec``,
-    ``flwr-serverapp``) by name; they must resolve to this installation even when the
-    virtual environment is not on PATH (CI runs ``.venv/bin/python`` directly).
-    """
-    bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-            **(extra or {})}
 
 
 def connect_host(host: str) -> str:
@@ -202,72 +187,6 @@ def register_sites(site_keys: Mapping[str, Path], env: Mapping[str, str]) -> dic
     return outcomes
 
 
-def _relay(proc: subprocess.Popen[str], out: TextIO) -> threading.Thread:
-    def run() -> None:
-        for line in proc.stdout or ():
-            out.write(line)
-            out.flush()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
-
-
-def die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the supervisor dies, even by SIGKILL.
-
-    Without it a killed supervisor leaves its daemon running unsupervised, its log pipe
-    broken (Linux ``PR_SET_PDEATHSIG``; a no-op elsewhere).
-    """
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-
-
-def _signal_group(proc: subprocess.Popen[str], signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signum)
-
-
-class _Forwarder:
-    """Forward SIGTERM/SIGINT to a child's process group while installed."""
-
-    def __init__(self, proc: subprocess.Popen[str]):
-        self.proc, self.stopping = proc, threading.Event()
-
-    def __enter__(self) -> _Forwarder:
-        signals = (signal.SIGTERM, signal.SIGINT)
-        self.previous = {s: signal.signal(s, self._forward) for s in signals}
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-    def _forward(self, _signum: int, _frame: object) -> None:
-        if self.stopping.is_set():
-            _signal_group(self.proc, signal.SIGKILL)
-            return
-        self.stopping.set()
-        _signal_group(self.proc, signal.SIGTERM)
-
-    def stop(self) -> None:
-        self._forward(signal.SIGTERM, None)
-
-    def wait(self) -> int:
-        """The child's exit status; it is killed ``STOP_GRACE`` s after the first signal."""
-        deadline: float | None = None
-        while True:
-            if deadline is None and self.stopping.is_set():
-                deadline = time.monotonic() + STOP_GRACE
-            try:
-                return self.proc.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                if deadline is not None and time.monotonic() > deadline:
-                    _signal_group(self.proc, signal.SIGKILL)
-
-
 def start_server(kit_dir: Path | None, state: Path, host: str, port: int, *,
                  insecure: bool = False, out: TextIO = sys.stdout) -> int:
     """Run the SuperLink in the foreground until it exits; return its exit status.
@@ -295,8 +214,8 @@ def start_server(kit_dir: Path | None, state: Path, host: str, port: int, *,
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True, preexec_fn=die_with_parent, env=env,
     )
-    relay = _relay(proc, out)
-    with _Forwarder(proc) as forwarder:
+    relay_thread = relay(proc, out)
+    with SignalForwarder(proc, STOP_GRACE) as forwarder:
         try:
             wait_listening(proc, connect_host(host), port, READY_TIMEOUT)
             if kit.tls:
@@ -309,7 +228,7 @@ def start_server(kit_dir: Path | None, state: Path, host: str, port: int, *,
                 forwarder.wait()
                 raise
         status = forwarder.wait()
-    relay.join(timeout=5)
+    relay_thread.join(timeout=5)
     print(f"{say} SuperLink exited with status {status}", file=out, flush=True)
     return status
 
