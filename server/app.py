@@ -122,10 +122,10 @@ def main(grid: Grid, context: Context) -> None:
     """Run the federation the run config describes (or continue it: ``output.resume``)."""
     started = time.perf_counter()
     config = RunConfig.from_flat(context.run_config, complete=True)
+    dataset = load(config.data)  # first: generating MNIST-1D reseeds Python's `random`
     seed = config.federation.seed
     random.seed(seed)  # Flower's node sampling draws from `random`
     torch.manual_seed(seed)
-    dataset = load(config.data)
     model = get_model(config.model.name, dataset.spec)
     recorder = RunRecorder(output_dir(config, context.run_id))
     store = CheckpointStore(recorder.out_dir, keep=config.output.checkpoint_keep)
