@@ -84,14 +84,27 @@ def _forget_before(context: Context, round_: int) -> None:
             del context.state.config_records[key]
 
 
-def _encoded_input(msg: Message, reply: Message, session: SecAggClient) -> np.ndarray:
-    """The site's weighted input from the handler's reply (layout: ``transport``)."""
+def _bounded(update: np.ndarray, norm_bound: float) -> np.ndarray:
+    """``update`` scaled to L2 norm ``norm_bound`` if longer (0: off). Under SecAgg the
+    server never sees one update, so the site bounds its own before encoding."""
+    if norm_bound <= 0:
+        return update
+    norm = float(np.linalg.norm(update.astype(np.float64)))
+    return update if norm <= norm_bound else (update * (norm_bound / norm)).astype(update.dtype)
+
+
+def _encoded_input(
+    msg: Message, reply: Message, session: SecAggClient, norm_bound: float = 0.0
+) -> np.ndarray:
+    """The site's weighted input from the handler's reply (layout: ``transport``), its
+    update first norm-bounded to ``norm_bound`` (``robust.norm_bound``; 0: off)."""
     global_arrays = next(iter(msg.content.array_records.values()))
     new_arrays = next(iter(reply.content.array_records.values()))
     if list(new_arrays) != list(global_arrays):
         raise ValueError(f"trained model keys {list(new_arrays)} != {list(global_arrays)}")
     update = flat_update([new_arrays[k].numpy() for k in global_arrays],
                          [global_arrays[k].numpy() for k in global_arrays])  # fmt: skip
+    update = _bounded(update, norm_bound)
     metrics = next(iter(reply.content.metric_records.values()))
     missing = [k for k in (NUM_EXAMPLES, *SECURE_METRICS) if k not in metrics]
     if missing:
@@ -115,7 +128,8 @@ def _answer(ins, msg, context, call_next, public: RecordDict) -> object | Messag
         reply = call_next(msg, context)
         if reply.has_error():
             return reply
-        res = session.collect_masked(ins, _encoded_input(msg, reply, session))
+        norm_bound = RunConfig.from_flat(context.run_config, complete=True).robust.norm_bound
+        res = session.collect_masked(ins, _encoded_input(msg, reply, session, norm_bound))
         if SITE in reply.content.config_records:
             public.config_records[SITE] = reply.content.config_records[SITE]
     elif isinstance(ins, UnmaskIns):

@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -143,6 +144,7 @@ def main(grid: Grid, context: Context) -> None:
                               run_config=config.to_flat(),
                               rounds=[asdict(r) for r in [*recorder.rounds, report]],
                               site_epsilon=report.epsilon, python_rng=python_rng,
+                              strategy_state=strategy_state(strategy),
                               torch_rng=torch_rng))
         recorder.record_round(report)
 
@@ -151,6 +153,8 @@ def main(grid: Grid, context: Context) -> None:
     if config.secagg.enabled:
         strategy = SecAggPlus(strategy, config.secagg, timeout=settings.timeout,
                               expected_sites=config.federation.train_cohort())  # fmt: skip
+    if resumed:
+        restore_strategy_state(strategy, resumed.strategy_state)
     final = run_rounds(strategy, grid, initial, settings, central_eval, on_round,
                        epsilon=resumed.site_epsilon if resumed else None)
     recorder.save_model(from_record(final))
@@ -169,6 +173,29 @@ def main(grid: Grid, context: Context) -> None:
             "config": config.to_flat(),
         }
     )
+
+
+#: Attributes that hold a strategy's own state across rounds (Flower's FedOpt family:
+#: FedAdam, FedYogi, FedAdagrad keep the current model and the optimizer moments).
+_STRATEGY_STATE = ("current_arrays", "m_t", "v_t")
+
+
+def strategy_state(strategy: object) -> dict[str, dict[str, torch.Tensor]]:
+    """The strategy's state for a checkpoint (empty for stateless FedAvg/median/trimmed)."""
+    inner = getattr(strategy, "strategy", strategy)  # SecAggPlus wraps the real one
+    out = {}
+    for name in _STRATEGY_STATE:
+        value = getattr(inner, name, None)
+        if value:
+            out[name] = {k: torch.from_numpy(np.array(v)) for k, v in value.items()}
+    return out
+
+
+def restore_strategy_state(strategy: object, state: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Put a checkpoint's strategy state back (the inverse of :func:`strategy_state`)."""
+    inner = getattr(strategy, "strategy", strategy)
+    for name, arrays in state.items():
+        setattr(inner, name, {k: v.numpy() for k, v in arrays.items()})
 
 
 def _total_rejected(rounds: list[RoundReport]) -> dict[str, int]:

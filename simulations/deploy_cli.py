@@ -118,6 +118,9 @@ def run_command(
              "readable from here (same host or shared file system)")] = None,
     flwr_home: Annotated[Path | None, typer.Option(
         help="Flower CLI home for the connection (default: ~/.privfed/flwr)")] = None,
+    resume: Annotated[Path | None, typer.Option(
+        help="folder ON THE SERVER HOST of an interrupted run: continue it from its last "
+             "good checkpoint (same --set overrides as the first submission)")] = None,
     app_dir: Annotated[Path, typer.Option("--app", help="the Flower App to submit")] =
         PROJECT_DIR,
     insecure: Annotated[bool, typer.Option(help="server runs without TLS")] = False,
@@ -128,6 +131,10 @@ def run_command(
 
     with one_line_errors(debug):
         check_address("--server", server)
+        if resume is not None:
+            if server_output is not None and server_output != resume:
+                raise DeployError("--resume DIR continues the run in DIR: drop --server-output")
+            server_output, set_ = resume, [*(set_ or []), "output.resume=true"]
         compose({}, set_ or [])  # every override checked here, before anything is sent
         overrides = dict(parse_override(text) for text in set_ or [])
         ca = None

@@ -92,3 +92,31 @@ def test_stray_temp_files_are_ignored(tmp_path):
     store.save(make(1))
     (store.directory / ".round-000002.ckpt.abc.tmp").write_bytes(b"partial")
     assert store.latest().round == 1
+
+
+def test_fedopt_strategy_state_survives_a_checkpoint():
+    import numpy as np
+    from flwr.serverapp.strategy import FedAdam, FedAvg
+
+    from server.app import restore_strategy_state, strategy_state
+
+    adam = FedAdam()
+    adam.current_arrays = {"w": np.ones(3, np.float32)}
+    adam.m_t, adam.v_t = {"w": np.full(3, 0.5, np.float32)}, {"w": np.full(3, 0.25, np.float32)}
+    ckpt = Checkpoint(round=1, model={}, run_config={}, strategy_state=strategy_state(adam))
+    fresh = FedAdam()
+    restore_strategy_state(fresh, decode(encode(ckpt)).strategy_state)
+    for name in ("current_arrays", "m_t", "v_t"):
+        assert np.array_equal(getattr(fresh, name)["w"], getattr(adam, name)["w"])
+    assert strategy_state(FedAvg()) == {}
+
+
+def test_secagg_sites_bound_their_own_update_norm():
+    import numpy as np
+
+    from client.secagg_mod import _bounded
+
+    update = np.full(4, 3.0, np.float32)  # norm 6
+    assert np.linalg.norm(_bounded(update, 1.5)) == pytest.approx(1.5, rel=1e-6)
+    assert _bounded(update, 10.0) is update and _bounded(update, 0.0) is update
+    assert not _bounded(np.zeros(4, np.float32), 1.0).any()  # norm 0: untouched

@@ -47,7 +47,7 @@ def test_byzantine_replies_are_rejected_and_accuracy_holds(tmp_path, clean, kind
     assert all(r["rejected"] == {reason: 1} for r in rows)
     assert all(r["clients_trained"] == SITES - 1 for r in rows)
     assert summary["rejected"] == {reason: 3}
-    assert abs(summary["final_accuracy"] - clean[1]["final_accuracy"]) <= 0.03
+    assert abs(summary["final_accuracy"] - clean[1]["final_accuracy"]) <= 0.01  # 1 point
 
 
 def test_a_crashing_site_is_a_failed_reply_not_a_failed_round(tmp_path):
