@@ -23,7 +23,13 @@ from server.deploy import DeployError, start_server
 from server.provision import DEFAULT_PORT, ProvisionError, provision
 from server.submit import submit
 from shared.config import ConfigError
-from simulations.scenario import PROJECT_DIR, ScenarioError, compose, parse_override
+from simulations.scenario import (
+    PROJECT_DIR,
+    ScenarioError,
+    app_defaults,
+    compose,
+    parse_override,
+)
 
 DEPLOY_ERRORS = (ProvisionError, DeployError, SiteConfigError, ConfigError, ScenarioError)
 
@@ -136,7 +142,8 @@ def run_command(
                 raise DeployError("--resume DIR continues the run in DIR: drop --server-output")
             server_output, set_ = resume, [*(set_ or []), "output.resume=true"]
         compose({}, set_ or [])  # every override checked here, before anything is sent
-        overrides = dict(parse_override(text) for text in set_ or [])
+        defaults = app_defaults()
+        overrides = dict(parse_override(text, defaults) for text in set_ or [])
         ca = None
         if not insecure:
             if kit is None or not (kit / "ca.pem").is_file():

@@ -57,8 +57,12 @@ def read_scenario(path: str | Path) -> dict[str, Any]:
         raise ScenarioError(f"scenario file {path}: {exc}") from None
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"section.key=value"`` to a key and a TOML-typed value (bare words are strings)."""
+def parse_override(text: str, defaults: Mapping[str, Any] | None = None) -> tuple[str, Any]:
+    """``"section.key=value"`` to a key and a TOML-typed value (bare words are strings).
+
+    A key whose default is a string keeps the text as written, so ``--set
+    faults.byzantine_kind=nan`` means the word, not TOML's float NaN.
+    """
     key, sep, raw = text.partition("=")
     key, raw = key.strip(), raw.strip()
     if not sep or "." not in key or not key.split(".")[-1]:
@@ -66,6 +70,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
+        value = raw
+    if defaults is not None and isinstance(defaults.get(key), str) and not isinstance(value, str):
         value = raw
     return key, value
 
@@ -87,7 +93,7 @@ def compose(
             raise ConfigError(f"unknown config key {key!r}")
         flat[key] = value
     for text in overrides:
-        key, value = parse_override(text)
+        key, value = parse_override(text, flat)
         if key not in flat:
             raise ConfigError(f"--set: unknown config key {key!r}")
         flat[key] = value

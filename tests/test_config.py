@@ -69,6 +69,14 @@ def test_overrides_are_typed_like_toml(text, expected):
     assert parse_override(text) == expected
 
 
+def test_string_keys_keep_the_word_as_written():
+    defaults = app_defaults()
+    assert parse_override("faults.byzantine_kind=nan", defaults) == ("faults.byzantine_kind", "nan")
+    assert parse_override("model.name=inf", defaults) == ("model.name", "inf")
+    flat = compose({}, ["faults.byzantine_kind=nan", "data.label_column=1"])
+    assert flat["faults.byzantine_kind"] == "nan" and flat["data.label_column"] == "1"
+
+
 @pytest.mark.parametrize("text", ["rounds=3", "federation.rounds", "=3"])
 def test_malformed_overrides_are_refused(text):
     with pytest.raises(ScenarioError, match="--set expects section.key=value"):
