@@ -22,7 +22,6 @@ Canonical order (what makes results independent of timing, worker count and back
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -30,7 +29,6 @@ from uuid import uuid4
 
 import torch
 from flwr.app import Context, Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from threadpoolctl import threadpool_limits
@@ -195,20 +193,12 @@ def run_inprocess(
 
     The result is the same for any executor and any number of workers.
     """
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
     from server.app import app as server_app
+    from simulations.runner import new_run
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    run = Run.create_empty(run_id=secrets.randbits(63))
-    run.primary_task_id = secrets.randbits(63)
-    run.federation_id = NOOP_FEDERATION_ID
-    run.override_config = dict(flat_config)
-    # The identity Flower's runtimes give the ServerApp's task (messages carry it).
-    TaskIdentity.task_id, TaskIdentity.run_id = 1, run.run_id
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    run = new_run(flat_config)
     sites = VirtualSites(num_sites, run.run_id, flat_config)
     # The server's own numeric work (central evaluation, reply checks, aggregation) runs
     # on one thread: the cores belong to the workers, and idle OpenMP/BLAS pools spinning

@@ -36,6 +36,26 @@ def _backend_config(num_cpus: int, address: str | None = None) -> dict[str, Any]
     return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
 
 
+def new_run(flat_config: Mapping[str, Any]) -> Any:
+    """A Flower ``Run`` whose run config is the scenario, with the task identity Flower's
+    runtimes give the ServerApp's task (every Message built afterwards carries it).
+
+    Both simulation backends start a run this way.
+    """
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+
+    run = Run.create_empty(run_id=secrets.randbits(63))
+    run.primary_task_id = secrets.randbits(63)
+    run.federation_id = NOOP_FEDERATION_ID
+    run.override_config = dict(flat_config)
+    TaskIdentity.task_id, TaskIdentity.run_id = 1, run.run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    return run
+
+
 def run_on_ray(
     flat_config: Mapping[str, Any],
     num_sites: int,
@@ -53,10 +73,6 @@ def run_on_ray(
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.app import Context, RecordDict
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
     from client.app import app as client_app
@@ -65,13 +81,7 @@ def run_on_ray(
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    run = Run.create_empty(run_id=secrets.randbits(63))
-    run.primary_task_id = secrets.randbits(63)
-    run.federation_id = NOOP_FEDERATION_ID
-    run.override_config = dict(flat_config)
-    # What `_run_simulation` itself does when it makes the Run (a dummy task identity).
-    TaskIdentity.task_id, TaskIdentity.run_id = 1, run.run_id
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    run = new_run(flat_config)
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(),
                       run_config=dict(flat_config))
     from flwr.simulation.run_simulation import _run_simulation
