@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
+from client.ledger_cli import ledger_app
 from server.checkpoint import CheckpointError
 from shared.config import ConfigError, RunConfig
 from shared.data import DataError, load
@@ -138,15 +139,7 @@ def summary_view(summary: dict[str, object]) -> dict[str, object]:
     return {k: summary[k] for k in keys if summary.get(k) not in (None, {})}
 
 
-def _mount_optional_commands() -> None:
-    try:
-        from client.ledger_cli import ledger_app
-    except ImportError:  # the ledger arrives with the DP issue
-        return
-    app.add_typer(ledger_app, name="ledger", help="A site's privacy ledger.")
-
-
-_mount_optional_commands()
+app.add_typer(ledger_app, name="ledger", help="A site's privacy ledger.")
 deploy_cli.mount(app)
 
 
