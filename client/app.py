@@ -14,7 +14,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from client.data import SiteData, site_data
-from client.faults import byzantine_sites, dropout_stage, misbehave
+from client.faults import SimulatedDropout, byzantine_sites, dropout_stage, misbehave
 from client.ledger import BudgetExhaustedError
 from client.privacy import train_privately
 from client.secagg_mod import secagg_mod
@@ -39,10 +39,6 @@ from shared.wire import (
 )
 
 app = ClientApp(mods=[secagg_mod])  # SecAgg+ stages; plain train messages pass through
-
-
-class SimulatedDropout(RuntimeError):
-    """A simulated site left mid-round (``[faults] dropout``)."""
 
 
 def _round_of(msg: Message) -> int:
