@@ -98,15 +98,19 @@ def _budget(table: Mapping[str, Any]) -> tuple[float, float]:
     return epsilon, delta
 
 
-def _data(table: Mapping[str, Any], base: Path) -> tuple[Path, DataFormat]:
-    raw = _get(table, "data.format", str)
+def _choice(kind: type[enum.StrEnum], key: str, what: str, raw: str) -> Any:
+    """``raw`` as a member of ``kind``, or one error line naming ``key`` and the options."""
     try:
-        fmt = DataFormat(raw.lower())
+        return kind(raw.lower())
     except ValueError:
-        options = ", ".join(f.value for f in DataFormat)
+        options = ", ".join(m.value for m in kind)
         raise SiteConfigError(
-            f"site.toml: data.format: unknown format {raw!r}; expected one of: {options}"
+            f"site.toml: {key}: unknown {what} {raw!r}; expected one of: {options}"
         ) from None
+
+
+def _data(table: Mapping[str, Any], base: Path) -> tuple[Path, DataFormat]:
+    fmt = _choice(DataFormat, "data.format", "format", _get(table, "data.format", str))
     path = (base / Path(_get(table, "data.path", str)).expanduser()).resolve()
     if not path.is_file():
         raise SiteConfigError(f"site.toml: data.path: data file not found: {path}")
@@ -126,14 +130,7 @@ def parse_site_config(table: Mapping[str, Any], base: Path) -> SiteConfig:
     epsilon, delta = _budget(table)
     data_path, fmt = _data(table, base)
     raw_acc = str(table.get("privacy", {}).get("accountant", AccountantName.RDP.value))
-    try:
-        accountant = AccountantName(raw_acc.lower())
-    except ValueError:
-        options = ", ".join(a.value for a in AccountantName)
-        raise SiteConfigError(
-            f"site.toml: privacy.accountant: unknown accountant {raw_acc!r}; expected one of: "
-            f"{options}"
-        ) from None
+    accountant = _choice(AccountantName, "privacy.accountant", "accountant", raw_acc)
     has_port = "runtime_port" in table.get("site", {})
     port = _get(table, "site.runtime_port", int) if has_port else 9094
     if not 1 <= port <= 65535:
