@@ -20,7 +20,7 @@ from client.privacy import train_privately
 from client.secagg_mod import secagg_mod
 from shared.config import DropoutStage, RunConfig
 from shared.models import get_model
-from shared.training import evaluate, make_loader, make_optimizer, train
+from shared.training import Batches, evaluate, make_optimizer, seed_torch, train
 from shared.wire import (
     ARRAYS,
     CONFIG,
@@ -80,7 +80,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         raise SimulatedDropout(f"site {data.site_id} dropped out of round {server_round}")
     model = _model_for(config, data, msg)
     seed = _training_seed(config.federation.seed, server_round, data.site_id)
-    torch.manual_seed(seed)
+    seed_torch(seed)
     site = ConfigRecord({SITE_NAME: _site_name(context), SITE_ROUND: server_round})
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     if config.privacy.enabled:
@@ -92,7 +92,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         state, loss = result.state, result.train_loss
         site[SITE_EPSILON] = result.epsilon
     else:
-        loader = make_loader(data.train, config.train.batch_size, seed=seed, shuffle=True)
+        loader = Batches(data.train, config.train.batch_size, seed=seed, shuffle=True)
         loss = train(model, loader, make_optimizer(model, config.train), config.train.epochs)
         state = model.state_dict()
     if data.site_id in byzantine_sites(config):  # a rehearsal of a misbehaving site

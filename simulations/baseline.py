@@ -13,7 +13,7 @@ import torch
 from shared.config import RunConfig
 from shared.data import load
 from shared.models import get_model
-from shared.training import EvalResult, evaluate, make_loader, make_optimizer, train
+from shared.training import Batches, EvalResult, evaluate, make_optimizer, train
 
 
 def train_centrally(config: RunConfig) -> EvalResult:
@@ -21,8 +21,8 @@ def train_centrally(config: RunConfig) -> EvalResult:
     torch.manual_seed(config.federation.seed)
     dataset = load(config.data)
     model = get_model(config.model.name, dataset.spec)  # same init as the server's model
-    loader = make_loader(dataset.train, config.train.batch_size, seed=config.federation.seed,
-                         shuffle=True)
+    loader = Batches(dataset.train, config.train.batch_size, seed=config.federation.seed,
+                     shuffle=True)
     epochs = config.federation.rounds * config.train.epochs
     train(model, loader, make_optimizer(model, config.train), epochs)
     return evaluate(model, dataset.test)

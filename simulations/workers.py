@@ -44,6 +44,7 @@ from flwr.clientapp.client_app import ClientAppException
 from flwr.common.constant import ErrorCode
 from threadpoolctl import threadpool_limits
 
+from shared.training import seed_torch
 from shared.wire import PARTITION_ID
 
 #: The ClientApp a simulation runs (``[tool.flwr.app.components] clientapp``).
@@ -91,7 +92,7 @@ def _isolated(seed: int):  # type: ignore[no-untyped-def]
     threads = torch.get_num_threads()
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    seed_torch(seed)
     torch.set_num_threads(1)
     try:
         yield
