@@ -89,7 +89,9 @@ def _parts(data_config: DataConfig, seed: int, num_partitions: int) -> list[np.n
     )
 
 
-@functools.lru_cache(maxsize=64)
+# Partitions are disjoint, so caching every site's costs at most one more copy of the pooled
+# training set; a small cache missed on every call once a run had more sites than slots.
+@functools.lru_cache(maxsize=100_000)
 def _partition(data_config: DataConfig, seed: int, pid: int, num_partitions: int) -> SiteData:
     if not 0 <= pid < num_partitions:
         raise DataError(f"{PARTITION_ID} {pid} is outside 0..{num_partitions - 1}")

@@ -10,6 +10,7 @@ does, and ships its weights to the clients anyway).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,7 +43,7 @@ class MLP(nn.Module):
 
     def __init__(self, spec: InputSpec, hidden: tuple[int, ...] = (256, 100)) -> None:
         super().__init__()
-        dims = [int(torch.tensor(spec.shape).prod()), *hidden]
+        dims = [math.prod(spec.shape), *hidden]
         layers: list[nn.Module] = [nn.Flatten()]
         for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
             layers += [nn.Linear(d_in, d_out), nn.ReLU()]
@@ -153,7 +154,7 @@ class Logistic(nn.Module):
 
     def __init__(self, spec: InputSpec) -> None:
         super().__init__()
-        self.linear = nn.Linear(int(torch.tensor(spec.shape).prod()), spec.num_classes)
+        self.linear = nn.Linear(math.prod(spec.shape), spec.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x.flatten(1))
