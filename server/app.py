@@ -94,6 +94,7 @@ def loop_settings(config: RunConfig, start_round: int) -> LoopSettings:
                            max_examples=robust.max_examples),
         norm_bound=robust.norm_bound,
         min_valid=min(config.federation.min_train, config.federation.clients),
+        evaluate_every=config.federation.evaluate_every,
     )
 
 

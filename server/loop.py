@@ -11,6 +11,7 @@ global model unchanged.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -39,7 +40,8 @@ class LoopSettings:
     ``start_round`` > 1 continues a resumed run. A plain round aggregates only
     replies that pass ``bounds`` (see :mod:`server.validation`), scales updates
     longer than ``norm_bound`` down to it (0: off), and is skipped (model
-    unchanged) if fewer than ``min_valid`` replies remain.
+    unchanged) if fewer than ``min_valid`` replies remain. The global model is evaluated
+    after every ``evaluate_every``-th round and after the last.
     """
 
     rounds: int
@@ -48,6 +50,11 @@ class LoopSettings:
     bounds: ReplyBounds = field(default_factory=ReplyBounds)
     norm_bound: float = 0.0
     min_valid: int = 1
+    evaluate_every: int = 1
+
+    def evaluates(self, rnd: int) -> bool:
+        """Whether round ``rnd`` ends with an evaluation of the global model."""
+        return rnd % self.evaluate_every == 0 or rnd == self.rounds
 
 
 def _split_failures(
@@ -156,12 +163,15 @@ def run_rounds(
         else:
             arrays = train.arrays
 
-        eval_messages = strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid)
-        eval_replies, eval_failures = _split_failures(
-            grid.send_and_receive(eval_messages, timeout=settings.timeout), "evaluate", rnd
-        )
-        fed_metrics = strategy.aggregate_evaluate(rnd, eval_replies)
-        central = central_eval(arrays)
+        fed_metrics, eval_failures = None, []
+        central = EvalResult(math.nan, math.nan, 0)
+        if settings.evaluates(rnd):
+            eval_messages = strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid)
+            eval_replies, eval_failures = _split_failures(
+                grid.send_and_receive(eval_messages, timeout=settings.timeout), "evaluate", rnd
+            )
+            fed_metrics = strategy.aggregate_evaluate(rnd, eval_replies)
+            central = central_eval(arrays)
         report = RoundReport(
             round=rnd,
             accuracy=central.accuracy,

@@ -60,7 +60,12 @@ def _enum_value(enum_cls: type[enum.StrEnum], key: str, value: object) -> enum.S
 
 @dataclass(frozen=True)
 class FederationConfig:
-    """Who takes part and for how long."""
+    """Who takes part and for how long.
+
+    ``evaluate_every`` = k evaluates the global model (centrally, and at the sites when
+    ``fraction_evaluate`` > 0) after every k-th round and always after the last; the
+    rounds in between report no accuracy or loss.
+    """
 
     clients: int = 10
     rounds: int = 10
@@ -68,6 +73,7 @@ class FederationConfig:
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_train: int = 1
+    evaluate_every: int = 1
 
     def validate(self) -> None:
         _positive("federation.clients", self.clients)
@@ -75,6 +81,7 @@ class FederationConfig:
         _fraction("federation.fraction_train", self.fraction_train, allow_zero=False)
         _fraction("federation.fraction_evaluate", self.fraction_evaluate, allow_zero=True)
         _positive("federation.min_train", self.min_train)
+        _positive("federation.evaluate_every", self.evaluate_every)
 
     def train_cohort(self) -> int:
         """Sites sampled per training round when all ``clients`` are connected (FedAvg's rule)."""

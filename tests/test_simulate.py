@@ -222,3 +222,16 @@ def test_sigkill_mid_run_then_resume_ends_with_the_uninterrupted_model(tmp_path)
 
 def test_resume_of_a_folder_without_checkpoints_is_one_line(tmp_path):
     _one_line_error(privfed("simulate", "--resume", str(tmp_path)), "no checkpoint")
+
+
+def test_evaluate_every_k_rounds_and_always_the_last(tmp_path):
+    out = tmp_path / "out"
+    result = privfed("simulate", str(SMOKE), "--out", str(out), "--set", "federation.rounds=5",
+                     "--set", "data.samples=500", "--set", "federation.evaluate_every=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r["round"] for r in rows if r["accuracy"] is not None]
+    assert evaluated == [2, 4, 5]
+    assert all(r["clients_trained"] == 3 for r in rows)  # every round still trains
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_accuracy"] == rows[-1]["accuracy"] is not None
