@@ -26,7 +26,7 @@ from server.robust import bound_replies
 from server.secagg import SecAggPlus, TrainOutcome
 from server.validation import ReplyBounds, split_valid
 from shared.training import EvalResult
-from shared.wire import NUM_EXAMPLES, SITE, SITE_EPSILON, SITE_NAME
+from shared.wire import NUM_EXAMPLES, SITE, SITE_EPSILON, SITE_NAME, record_to_numpy
 
 log = logging.getLogger("flwr.privfed.server")  # Flower's handlers and log stream
 
@@ -114,7 +114,7 @@ def _train_round(
     replies, failures = _split_failures(
         grid.send_and_receive(messages, timeout=settings.timeout), "train", rnd
     )
-    global_arrays = {k: v.numpy() for k, v in arrays.items()}
+    global_arrays = record_to_numpy(arrays)
     valid, rejected = split_valid(canonical_order(replies), global_arrays, settings.bounds,
                                   run_id=grid.run.run_id, server_round=rnd)
     for rejection in rejected:

@@ -15,12 +15,12 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Message
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from server.validation import update_norm
 from shared.config import Aggregation, RunConfig
-from shared.wire import ARRAYS
+from shared.wire import ARRAYS, numpy_to_record, record_to_numpy
 
 
 def bound_update(
@@ -52,11 +52,11 @@ def bound_replies(
         return 0
     scaled = 0
     for reply in replies:
-        arrays = {k: v.numpy() for k, v in reply.content.array_records[ARRAYS].items()}
+        arrays = record_to_numpy(reply.content.array_records[ARRAYS])
         bounded, norm = bound_update(arrays, global_arrays, bound)
         if norm > bound:
             scaled += 1
-            reply.content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in bounded.items()})
+            reply.content[ARRAYS] = numpy_to_record(bounded)
     return scaled
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Message
 
-from shared.wire import ARRAYS, NUM_EXAMPLES, SITE, SITE_ROUND
+from shared.wire import ARRAYS, NUM_EXAMPLES, SITE, SITE_ROUND, record_to_numpy
 
 
 class Reason(enum.StrEnum):
@@ -92,7 +92,7 @@ def check_reply(
     if record is None or metrics is None:
         return reject(Reason.MALFORMED, f"no {ARRAYS!r} arrays or no metrics")
     try:
-        arrays = {k: v.numpy() for k, v in record.items()}
+        arrays = record_to_numpy(record)
     except Exception as exc:  # undecodable bytes from a broken client
         return reject(Reason.MALFORMED, f"arrays cannot be decoded: {exc}")
     return (

@@ -8,10 +8,14 @@ reply metrics under :data:`METRICS`. Strategies weight replies by the metric
 
 from __future__ import annotations
 
+import functools
+import io
 from collections import OrderedDict
+from collections.abc import Mapping
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -37,14 +41,78 @@ NUM_PARTITIONS = "num-partitions"
 SITE_NAME_KEY = "site-name"
 
 
-def to_record(state_dict: dict[str, torch.Tensor]) -> ArrayRecord:
-    """A torch state dict as an ``ArrayRecord`` (CPU copies, exact bytes, key order kept)."""
-    return ArrayRecord(OrderedDict((k, v.detach().cpu()) for k, v in state_dict.items()))
+#: Flower's serialisation type for arrays: the bytes of ``numpy.save``.
+_NUMPY_STYPE = "numpy.ndarray"
+
+
+@functools.lru_cache(maxsize=1024)
+def _npy_header(dtype: str, shape: tuple[int, ...]) -> bytes | None:
+    """The bytes ``numpy.save`` writes before the data of a C-ordered array of this dtype
+    and shape (None for dtypes without a fixed byte layout, e.g. objects, and for headers
+    too long for format 1.0: those take numpy's own path)."""
+    descr = np.dtype(dtype)
+    if descr.hasobject:
+        return None
+    header = {"descr": np.lib.format.dtype_to_descr(descr), "fortran_order": False,
+              "shape": shape}  # fmt: skip
+    buffer = io.BytesIO()
+    try:  # numpy.save writes format 1.0 unless the header does not fit it
+        np.lib.format.write_array_header_1_0(buffer, header)
+    except ValueError:
+        return None
+    return buffer.getvalue()
+
+
+def numpy_to_array(value: np.ndarray) -> Array:
+    """``Array.from_numpy_ndarray`` byte for byte, without ``numpy.save``'s per-call cost
+    (the header of each (dtype, shape) is built once)."""
+    value = value if value.flags.c_contiguous else value.copy(order="C")
+    dtype, shape = str(value.dtype), tuple(value.shape)
+    header = _npy_header(dtype, shape)
+    if header is None:
+        return Array.from_numpy_ndarray(value)
+    return Array(dtype=dtype, shape=shape, stype=_NUMPY_STYPE, data=header + value.tobytes())
+
+
+def array_to_numpy(array: Array) -> np.ndarray:
+    """``array.numpy()`` (a fresh, writable array), without ``numpy.load``'s header parse
+    when the bytes start with exactly the header ``numpy.save`` writes for the array's
+    declared dtype and shape; anything else takes ``numpy.load``'s checks.
+    """
+    if array.stype == _NUMPY_STYPE:
+        try:
+            header = _npy_header(array.dtype, tuple(array.shape))
+        except (TypeError, ValueError):  # an unknown dtype string: numpy.load says why
+            header = None
+        data = array.data
+        if header is not None and data.startswith(header):
+            dtype = np.dtype(array.dtype)
+            count = int(np.prod(array.shape, dtype=np.int64))
+            if len(data) == len(header) + count * dtype.itemsize:
+                flat = np.frombuffer(data, dtype=dtype, count=count, offset=len(header))
+                return flat.reshape(array.shape).copy()
+    return array.numpy()
+
+
+def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Every array of ``record`` as numpy (see :func:`array_to_numpy`), key order kept."""
+    return {k: array_to_numpy(v) for k, v in record.items()}
+
+
+def numpy_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """The inverse of :func:`record_to_numpy`."""
+    return ArrayRecord(OrderedDict((k, numpy_to_array(v)) for k, v in arrays.items()))
+
+
+def to_record(state_dict: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """A torch state dict as an ``ArrayRecord`` (CPU copies, exact bytes, key order kept;
+    the same bytes as ``ArrayRecord(state_dict)``)."""
+    return numpy_to_record({k: v.detach().cpu().numpy() for k, v in state_dict.items()})
 
 
 def from_record(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
     """The inverse of :func:`to_record`: bit-identical tensors, same keys and dtypes."""
-    return record.to_torch_state_dict()
+    return OrderedDict((k, torch.from_numpy(v)) for k, v in record_to_numpy(record).items())
 
 
 def load_into(model: torch.nn.Module, record: ArrayRecord) -> None:

@@ -1,9 +1,19 @@
+import numpy as np
 import pytest
 import torch
+from flwr.app import Array
 from torch import nn
 
 from shared.models import get_model, model_names
-from shared.wire import from_record, load_into, to_record
+from shared.wire import (
+    array_to_numpy,
+    from_record,
+    load_into,
+    numpy_to_array,
+    numpy_to_record,
+    record_to_numpy,
+    to_record,
+)
 
 
 class WithBuffers(nn.Module):
@@ -40,3 +50,41 @@ def test_load_into_names_missing_keys_and_wrong_shapes():
     other["net.1.weight"] = torch.zeros(3, 3)
     with pytest.raises(ValueError, match="net.1.weight has shape"):
         load_into(model, to_record(other))
+
+
+_DTYPES = ["float32", "float64", "float16", "int64", "uint32", "int8", "bool", ">f4", "<U3"]
+_SHAPES = [(), (0,), (1,), (3, 4), (2, 0, 5), (256, 100)]
+
+
+@pytest.mark.parametrize("dtype", _DTYPES)
+def test_fast_codec_writes_and_reads_what_flower_does(dtype):
+    g = np.random.default_rng(1)
+    for shape in _SHAPES:
+        x = np.asarray(g.standard_normal(shape) * 10).astype(dtype)
+        ours, flowers = numpy_to_array(x), Array.from_numpy_ndarray(x)
+        assert ours.data == flowers.data  # the same bytes on the wire
+        assert (ours.dtype, tuple(ours.shape)) == (flowers.dtype, tuple(flowers.shape))
+        back = array_to_numpy(flowers)
+        assert back.dtype == x.dtype and back.shape == x.shape and np.array_equal(back, x)
+        assert back.flags.writeable  # a copy, not a view of the message's bytes
+
+
+def test_fast_decode_defers_to_numpy_on_anything_unexpected():
+    x = np.arange(6.0).reshape(2, 3)
+    fortran = Array.from_numpy_ndarray(np.asfortranarray(x))
+    assert np.array_equal(array_to_numpy(fortran), x)
+    good = Array.from_numpy_ndarray(x.astype(np.float32))
+    # metadata that disagrees with the bytes: numpy.load reads the bytes' own header
+    lying = Array(dtype="float64", shape=(6,), stype=good.stype, data=good.data)
+    assert np.array_equal(array_to_numpy(lying), x.astype(np.float32))
+    truncated = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data[:-4])
+    with pytest.raises(ValueError):
+        array_to_numpy(truncated)
+
+
+def test_record_helpers_round_trip_a_state_dict():
+    state = WithBuffers().state_dict()
+    arrays = record_to_numpy(to_record(state))
+    assert list(arrays) == list(state)
+    again = record_to_numpy(numpy_to_record(arrays))
+    assert all(np.array_equal(again[k], arrays[k]) for k in arrays)
