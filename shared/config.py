@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
@@ -383,6 +384,17 @@ class RunConfig:
             ConfigError: an unknown key, a value of the wrong type, or a value out
                 of range; the message names the key.
         """
+        # Apps parse the same run config on every message: parse each distinct one once.
+        # Types are part of the key (1, 1.0 and True are equal in Python, not here).
+        try:
+            key = tuple((k, type(v), v) for k, v in flat.items())
+            hash(key)
+        except TypeError:  # an unhashable value: parse it (and let the checks name it)
+            return cls._parse(flat, strict=strict, complete=complete)
+        return _parse_cached(cls, key, strict, complete)
+
+    @classmethod
+    def _parse(cls, flat: Mapping[str, Any], *, strict: bool, complete: bool) -> RunConfig:
         if complete:
             missing = sorted(set(cls().to_flat()) - set(flat))
             if missing:
@@ -426,6 +438,13 @@ class RunConfig:
 
 
 _S = TypeVar("_S")
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_cached(
+    cls: type[RunConfig], key: tuple[tuple[str, type, Any], ...], strict: bool, complete: bool
+) -> RunConfig:
+    return cls._parse({k: v for k, _, v in key}, strict=strict, complete=complete)
 
 
 def _section_class(f: dataclasses.Field[Any]) -> type:

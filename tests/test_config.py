@@ -97,3 +97,13 @@ def test_missing_and_broken_scenario_files(tmp_path):
     bad.write_text("[federation\nclients = 2\n")
     with pytest.raises(ScenarioError, match="is not valid TOML"):
         read_scenario(bad)
+
+
+def test_a_parsed_config_is_reused_but_never_for_a_value_of_another_type():
+    first = RunConfig.from_flat({"train.epochs": 2})
+    assert RunConfig.from_flat({"train.epochs": 2}) is first  # parsed once per process
+    assert RunConfig.from_flat({"train.epochs": 2.0}).train.epochs == 2
+    with pytest.raises(ConfigError, match="train.epochs must be an integer, got True"):
+        RunConfig.from_flat({"train.epochs": True})  # True == 1 in Python: not the same key
+    with pytest.raises(ConfigError, match="unknown config key"):
+        RunConfig.from_flat({"train.epochs": 2, "train.epoch": 3})
