@@ -8,6 +8,8 @@ accuracy of the global model on the site's validation hold-out.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -19,7 +21,7 @@ from client.ledger import BudgetExhaustedError
 from client.privacy import train_privately
 from client.secagg_mod import secagg_mod
 from shared.config import DropoutStage, RunConfig
-from shared.models import get_model
+from shared.models import InputSpec, get_model
 from shared.training import Batches, evaluate, make_optimizer, seed_torch, train
 from shared.wire import (
     ARRAYS,
@@ -46,8 +48,24 @@ def _round_of(msg: Message) -> int:
     return int(config.get(SERVER_ROUND, 0)) if config is not None else 0  # type: ignore[arg-type]
 
 
-def _model_for(config: RunConfig, data: SiteData, msg: Message) -> torch.nn.Module:
-    model = get_model(config.model.name, data.spec)
+@functools.lru_cache(maxsize=2)
+def _reusable_model(name: str, spec: InputSpec) -> torch.nn.Module:
+    return get_model(name, spec)
+
+
+def _model_for(
+    config: RunConfig, data: SiteData, msg: Message, *, reuse: bool = False
+) -> torch.nn.Module:
+    """The global model of ``msg``: a fresh module, or with ``reuse`` this process's one
+    module of that architecture, every parameter and buffer overwritten (a simulation's
+    worker runs many sites' calls; building the module cost more than its 7 SGD steps'
+    worth of overhead). DP-SGD always gets a fresh module: Opacus attaches hooks to it.
+    """
+    if reuse:
+        model = _reusable_model(config.model.name, data.spec)
+        model.zero_grad(set_to_none=True)
+    else:
+        model = get_model(config.model.name, data.spec)
     load_into(model, msg.content.array_records[ARRAYS])
     return model
 
@@ -78,7 +96,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     server_round = _round_of(msg)
     if _drops_out(config, server_round, data.site_id):
         raise SimulatedDropout(f"site {data.site_id} dropped out of round {server_round}")
-    model = _model_for(config, data, msg)
+    model = _model_for(config, data, msg, reuse=not config.privacy.enabled)
     seed = _training_seed(config.federation.seed, server_round, data.site_id)
     seed_torch(seed)
     site = ConfigRecord({SITE_NAME: _site_name(context), SITE_ROUND: server_round})
@@ -107,7 +125,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this site's validation hold-out."""
     config = RunConfig.from_flat(context.run_config, complete=True)
     data = site_data(config, context.node_config)
-    model = _model_for(config, data, msg)
+    model = _model_for(config, data, msg, reuse=True)
     result = evaluate(model, data.val)
     metrics = MetricRecord(
         {"eval_loss": result.loss, "eval_accuracy": result.accuracy, NUM_EXAMPLES: len(data.val)}

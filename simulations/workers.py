@@ -143,6 +143,10 @@ def _copy(obj: Any) -> Any:
     return pickle.loads(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
+#: A picklable call that fills the ClientApp's per-process caches (e.g. loads the run's data).
+WarmUp = Callable[[], object]
+
+
 class InlineSites:
     """Calls run in the calling thread, one at a time (``--workers 0``: tests, debugging).
 
@@ -151,9 +155,11 @@ class InlineSites:
     on the server's side, exactly as with workers.
     """
 
-    def __init__(self, app_ref: str = CLIENT_APP) -> None:
+    def __init__(self, app_ref: str = CLIENT_APP, *, preload: WarmUp | None = None) -> None:
         self._app = load_app(app_ref)
         warm_up()
+        if preload is not None:
+            preload()
         self._done: list[Done] = []
 
     def submit(self, task_id: str, message: Message, context: Context) -> None:
@@ -168,7 +174,7 @@ class InlineSites:
         self._done.clear()
 
 
-def _serve(conn: Connection, app_ref: str, log_level: int) -> None:
+def _serve(conn: Connection, app_ref: str, log_level: int, preload: WarmUp | None) -> None:
     """A worker: import the ClientApp once, then answer calls until told to stop."""
     logging.getLogger("flwr").setLevel(log_level)
     torch.set_num_threads(1)
@@ -177,6 +183,8 @@ def _serve(conn: Connection, app_ref: str, log_level: int) -> None:
         try:
             app = load_app(app_ref)
             warm_up()
+            if preload is not None:
+                preload()
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises
             conn.send((_FAILED, f"{type(exc).__name__}: {exc}"))
             return
@@ -212,7 +220,8 @@ class SitePool:
     """
 
     def __init__(self, size: int, app_ref: str = CLIENT_APP, *, verbose: bool = False,
-                 start_method: str | None = None) -> None:  # fmt: skip
+                 start_method: str | None = None,
+                 preload: WarmUp | None = None) -> None:  # fmt: skip
         if size < 1:
             raise ValueError(f"a worker pool needs >= 1 worker, got {size}")
         if start_method is None:
@@ -220,6 +229,9 @@ class SitePool:
         if start_method == "fork":  # children inherit the imported, warmed-up app
             load_app(app_ref)
             warm_up()
+            if preload is not None:
+                preload()  # once, here, for every forked child
+        self._preload = preload
         self._ctx = mp.get_context(start_method)
         self._respawn_ctx = mp.get_context("spawn")  # threads may run by then
         self._app_ref = app_ref
@@ -237,8 +249,10 @@ class SitePool:
     def _spawn(self, ctx: Any = None) -> _Worker:
         ctx = ctx or self._ctx
         parent, child = ctx.Pipe()
-        process = ctx.Process(target=_serve, args=(child, self._app_ref, self._log_level),
-                                    daemon=True, name="privfed-site-worker")  # fmt: skip
+        preload = None if ctx.get_start_method() == "fork" else self._preload
+        process = ctx.Process(target=_serve,
+                              args=(child, self._app_ref, self._log_level, preload),
+                              daemon=True, name="privfed-site-worker")  # fmt: skip
         process.start()
         child.close()
         return _Worker(process, parent)
@@ -309,11 +323,16 @@ class SitePool:
 
 
 def make_executor(
-    workers: int, app_ref: str = CLIENT_APP, *, verbose: bool = False
+    workers: int, app_ref: str = CLIENT_APP, *, verbose: bool = False,
+    preload: WarmUp | None = None,
 ) -> SiteExecutor:
-    """``workers`` = 0: inline in this process; otherwise a :class:`SitePool` of that size."""
+    """``workers`` = 0: inline in this process; otherwise a :class:`SitePool` of that size.
+
+    ``preload`` runs once before the first call (in this process before workers are
+    forked, so they share what it loaded; in each worker when they are spawned).
+    """
     if workers < 0:
         raise ValueError(f"--workers must be >= 0, got {workers}")
     if workers == 0:
-        return InlineSites(app_ref)
-    return SitePool(workers, app_ref, verbose=verbose)
+        return InlineSites(app_ref, preload=preload)
+    return SitePool(workers, app_ref, verbose=verbose, preload=preload)
