@@ -21,7 +21,7 @@ import typer
 from client.site import SiteConfigError, start_site
 from server.deploy import DeployError, start_server
 from server.provision import DEFAULT_PORT, ProvisionError, provision
-from server.submit import submit
+from server.submit import handback_overrides, submit
 from shared.config import ConfigError
 from simulations.scenario import (
     PROJECT_DIR,
@@ -120,8 +120,8 @@ def run_command(
         "--set", help="run config override: section.key=value")] = None,
     out: Annotated[Path | None, typer.Option(help="local folder for the run's results")] = None,
     server_output: Annotated[Path | None, typer.Option(
-        help="folder ON THE SERVER HOST for the run's files; copied into --out when "
-             "readable from here (same host or shared file system)")] = None,
+        help="folder ON THE SERVER HOST for the run's files (files the server did not "
+             "hand back are copied into --out when readable from here)")] = None,
     flwr_home: Annotated[Path | None, typer.Option(
         help="Flower CLI home for the connection (default: ~/.privfed/flwr)")] = None,
     resume: Annotated[Path | None, typer.Option(
@@ -142,8 +142,9 @@ def run_command(
                 raise DeployError("--resume DIR continues the run in DIR: drop --server-output")
             server_output, set_ = resume, [*(set_ or []), "output.resume=true"]
         compose({}, set_ or [])  # every override checked here, before anything is sent
-        defaults = app_defaults()
-        overrides = dict(parse_override(text, defaults) for text in set_ or [])
+        defaults = app_defaults(app_dir)
+        overrides = handback_overrides(
+            defaults, dict(parse_override(text, defaults) for text in set_ or []))
         ca = None
         if not insecure:
             if kit is None or not (kit / "ca.pem").is_file():
