@@ -9,6 +9,7 @@ accuracy of the global model on the site's validation hold-out.
 from __future__ import annotations
 
 import functools
+import time
 
 import numpy as np
 import torch
@@ -16,7 +17,15 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from client.data import SiteData, site_data
-from client.faults import SimulatedDropout, byzantine_sites, dropout_stage, misbehave
+from client.faults import (
+    SimulatedCrash,
+    SimulatedDropout,
+    byzantine_sites,
+    crashes,
+    dropout_stage,
+    misbehave,
+    straggler_delay,
+)
 from client.ledger import BudgetExhaustedError
 from client.privacy import train_privately
 from client.secagg_mod import secagg_mod
@@ -113,6 +122,9 @@ def train_handler(msg: Message, context: Context) -> Message:
         loader = Batches(data.train, config.train.batch_size, seed=seed, shuffle=True)
         loss = train(model, loader, make_optimizer(model, config.train), config.train.epochs)
         state = model.state_dict()
+    if crashes(config, server_round, data.site_id):
+        raise SimulatedCrash(f"site {data.site_id} crashed after training in round {server_round}")
+    time.sleep(straggler_delay(config, server_round, data.site_id))
     if data.site_id in byzantine_sites(config):  # a rehearsal of a misbehaving site
         state = misbehave(config.faults.byzantine_kind, state, global_state)
     metrics = MetricRecord({"train_loss": loss, NUM_EXAMPLES: len(data.train)})

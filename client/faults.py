@@ -1,9 +1,12 @@
-"""Simulated site faults (``[faults]``): reproducible dropouts and byzantine sites.
+"""Simulated site faults (``[faults]``): reproducible dropouts, crashes, stragglers and
+byzantine sites.
 
 A site drops out of a round with probability ``faults.dropout``, by a draw seeded with
 (run seed, round, site), so a scenario drops the same sites every time. Where it drops:
 ``faults.dropout_stage`` (see ``shared.config.DropoutStage``); without SecAgg there is only
-the ``train`` stage.
+the ``train`` stage. ``faults.crash`` and ``faults.slow`` are drawn the same way, each from
+its own stream: a crashing site fails after training (having spent the compute and, with
+DP, the privacy budget of the round); a straggler replies ``faults.slow_seconds`` late.
 """
 
 from __future__ import annotations
@@ -42,6 +45,25 @@ def dropout_stage(config: RunConfig, server_round: int, site_id: int) -> Dropout
     if stage is DropoutStage.ANY:
         return _SECAGG_STAGES[int(rng.integers(len(_SECAGG_STAGES)))]
     return stage
+
+
+def _chance(config: RunConfig, probability: float, server_round: int, site_id: int,
+            tag: int) -> bool:  # fmt: skip
+    if probability <= 0:
+        return False
+    rng = np.random.default_rng([config.federation.seed, server_round, site_id, tag])
+    return bool(rng.random() < probability)
+
+
+def crashes(config: RunConfig, server_round: int, site_id: int) -> bool:
+    """Whether this site crashes in this round after training (``faults.crash``)."""
+    return _chance(config, config.faults.crash, server_round, site_id, 0xC2A5)
+
+
+def straggler_delay(config: RunConfig, server_round: int, site_id: int) -> float:
+    """Seconds this site's reply is late in this round (``faults.slow``; 0 if on time)."""
+    slow = _chance(config, config.faults.slow, server_round, site_id, 0x5107)
+    return config.faults.slow_seconds if slow else 0.0
 
 
 class SimulatedCrash(RuntimeError):

@@ -89,6 +89,7 @@ def loop_settings(config: RunConfig, start_round: int) -> LoopSettings:
     robust = config.robust
     return LoopSettings(
         rounds=config.federation.rounds,
+        timeout=config.federation.round_timeout,
         start_round=start_round,
         bounds=ReplyBounds(max_update_norm=robust.max_update_norm or math.inf,
                            max_examples=robust.max_examples),

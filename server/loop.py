@@ -72,6 +72,22 @@ def _split_failures(
     return ok, reasons
 
 
+def _exchange(
+    grid: Grid, messages: list[Message], timeout: float, stage: str, rnd: int
+) -> tuple[list[Message], list[str]]:
+    """Send ``messages``, wait up to ``timeout`` s; the good replies and every failure,
+    a site that did not answer in time included (it is one more failed site)."""
+    received = list(grid.send_and_receive(messages, timeout=timeout))
+    ok, failures = _split_failures(received, stage, rnd)
+    answered = {m.metadata.src_node_id for m in received}
+    for msg in messages:
+        if msg.metadata.dst_node_id not in answered:
+            reason = f"node {msg.metadata.dst_node_id}: no reply within {timeout:g} s"
+            log.warning("round %d %s: %s", rnd, stage, reason)
+            failures.append(reason)
+    return ok, failures
+
+
 def _num_examples(reply: Message) -> int:
     metrics = next(iter(reply.content.metric_records.values()), None)
     return int(metrics.get(NUM_EXAMPLES, 0)) if metrics is not None else 0  # type: ignore[arg-type]
@@ -110,10 +126,8 @@ def _train_round(
     strategy: Strategy, rnd: int, arrays: ArrayRecord, grid: Grid, settings: LoopSettings
 ) -> TrainOutcome:
     """A plain round: validate every reply, bound norms, aggregate the accepted ones."""
-    messages = strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
-    replies, failures = _split_failures(
-        grid.send_and_receive(messages, timeout=settings.timeout), "train", rnd
-    )
+    messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
+    replies, failures = _exchange(grid, messages, settings.timeout, "train", rnd)
     global_arrays = record_to_numpy(arrays)
     valid, rejected = split_valid(canonical_order(replies), global_arrays, settings.bounds,
                                   run_id=grid.run.run_id, server_round=rnd)
@@ -166,10 +180,9 @@ def run_rounds(
         fed_metrics, eval_failures = None, []
         central = EvalResult(math.nan, math.nan, 0)
         if settings.evaluates(rnd):
-            eval_messages = strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid)
-            eval_replies, eval_failures = _split_failures(
-                grid.send_and_receive(eval_messages, timeout=settings.timeout), "evaluate", rnd
-            )
+            eval_messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid))
+            eval_replies, eval_failures = _exchange(grid, eval_messages, settings.timeout,
+                                                    "evaluate", rnd)  # fmt: skip
             fed_metrics = strategy.aggregate_evaluate(rnd, eval_replies)
             central = central_eval(arrays)
         report = RoundReport(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
@@ -75,6 +76,7 @@ class FederationConfig:
     fraction_evaluate: float = 1.0
     min_train: int = 1
     evaluate_every: int = 1
+    round_timeout: float = 3600.0
 
     def validate(self) -> None:
         _positive("federation.clients", self.clients)
@@ -83,6 +85,9 @@ class FederationConfig:
         _fraction("federation.fraction_evaluate", self.fraction_evaluate, allow_zero=True)
         _positive("federation.min_train", self.min_train)
         _positive("federation.evaluate_every", self.evaluate_every)
+        if not (math.isfinite(self.round_timeout) and self.round_timeout > 0):
+            raise ConfigError(f"federation.round_timeout must be > 0 seconds, got "
+                              f"{self.round_timeout}")
 
     def train_cohort(self) -> int:
         """Sites sampled per training round when all ``clients`` are connected (FedAvg's rule)."""
@@ -293,10 +298,21 @@ class FaultsConfig:
     #: Fraction of sites that misbehave every round, and how (:class:`Misbehaviour`).
     byzantine: float = 0.0
     byzantine_kind: Misbehaviour = Misbehaviour.NAN
+    #: Chance that a sampled site crashes in a round after training (so, with DP, after
+    #: its ledger reserved the round) and sends no update.
+    crash: float = 0.0
+    #: Chance that a sampled site is a straggler in a round: it replies ``slow_seconds``
+    #: late (past ``federation.round_timeout``, the server goes on without it).
+    slow: float = 0.0
+    slow_seconds: float = 10.0
 
     def validate(self) -> None:
         _fraction("faults.dropout", self.dropout, allow_zero=True, allow_one=False)
         _fraction("faults.byzantine", self.byzantine, allow_zero=True, allow_one=False)
+        _fraction("faults.crash", self.crash, allow_zero=True, allow_one=False)
+        _fraction("faults.slow", self.slow, allow_zero=True, allow_one=True)
+        if not (math.isfinite(self.slow_seconds) and self.slow_seconds >= 0):
+            raise ConfigError(f"faults.slow_seconds must be >= 0, got {self.slow_seconds}")
 
 
 class Aggregation(enum.StrEnum):

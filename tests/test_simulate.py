@@ -56,7 +56,7 @@ def test_smoke_scenario_runs_end_to_end(smoke_run):
 #: One scenario run on both backends: 2 of 4 sites sampled per round, some drop out, 3 rounds.
 CROSS = ("--set", "federation.rounds=3", "--set", "data.samples=500",
          "--set", "federation.clients=4", "--set", "federation.fraction_train=0.5",
-         "--set", "faults.dropout=0.3")  # fmt: skip
+         "--set", "faults.dropout=0.3", "--set", "faults.crash=0.4")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,11 @@ def test_inprocess_and_ray_write_the_same_metrics_and_faults(cross_runs):
     # Node ids differ (Flower draws them at random on Ray) and Ray wraps the site's
     # exception in a RayTaskError with its traceback; which sites failed, and why, do not.
     def strip(failures):
-        return [sorted(set(re.findall(r"site \d+ dropped out of round \d+", f))) for f in failures]
+        pattern = r"site \d+ (?:dropped out of|crashed after training in) round \d+"
+        return [sorted(set(re.findall(pattern, f))) for f in failures]
+
+    reasons = " ".join(f for r in ours for f in r["failures"])
+    assert "dropped out of round" in reasons and "crashed after training in round" in reasons
 
     for a, b in zip(ours, ray, strict=True):
         for key in ("round", "clients_trained", "clients_failed", "examples_trained",

@@ -173,3 +173,38 @@ def test_secagg_runs_in_process_with_state_travelling_between_workers(tmp_path, 
                     "secagg.enabled=true")  # fmt: skip
     assert [r["clients_trained"] for r in rows] == [3, 3]
     assert all(r["clients_failed"] == 0 for r in rows)
+
+
+def test_stragglers_past_the_round_timeout_count_as_failed_and_the_run_goes_on(
+    tmp_path, task_identity
+):
+    from client.faults import straggler_delay
+
+    overrides = ("federation.rounds=2", "data.samples=500", "faults.slow=0.4",
+                 "faults.slow_seconds=2.0", "federation.round_timeout=1.5")  # fmt: skip
+    started = time.perf_counter()
+    rows = simulate(tmp_path / "slow", 2, *overrides)
+    config = RunConfig.from_flat(compose(read_scenario(SMOKE), list(overrides)))
+    late = {(rnd, site) for rnd in (1, 2) for site in range(3)
+            if straggler_delay(config, rnd, site) > 0}  # fmt: skip
+    assert late, "the scenario should draw at least one straggler"
+    for row in rows:
+        reasons = [f for f in row["failures"] if "no reply within 1.5 s" in f]
+        expected = sum(1 for rnd, _ in late if rnd == row["round"])
+        assert len(reasons) == row["clients_failed"] == expected
+        assert row["clients_trained"] == 3 - expected
+    assert time.perf_counter() - started < 30  # the server waited 1.5 s, not the 3600 s default
+
+
+def test_a_crash_after_training_fails_that_site_in_that_round(tmp_path, task_identity):
+    from client.faults import crashes
+
+    overrides = ("federation.rounds=2", "data.samples=500", "faults.crash=0.5")
+    rows = simulate(tmp_path / "crash", 0, *overrides)
+    config = RunConfig.from_flat(compose(read_scenario(SMOKE), list(overrides)))
+    for row in rows:
+        crashed = sorted(s for s in range(3) if crashes(config, row["round"], s))
+        found = sorted(int(m) for f in row["failures"]
+                       for m in re.findall(r"site (\d+) crashed after training", f))  # fmt: skip
+        assert found == crashed and row["clients_failed"] == len(crashed)
+    assert sum(r["clients_failed"] for r in rows) > 0
