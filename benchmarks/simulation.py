@@ -5,9 +5,11 @@
 The workload of ``../shared/baselines/flwr_throughput.py``: 100 sites x 200 samples of
 100 Gaussian features and 10 labels, the MLP 100-256-100-10 (52,566 parameters), 10 sites
 per round, 1 local epoch of SGD (batch 32, lr 0.05, no momentum), 10 rounds, no federated
-evaluation. privfed runs its unchanged ServerApp and ClientApp (which also evaluates the
-global model on a 5,000-example test split every round); pfl-research runs
-``pfl_throughput.py`` from the baselines in its own virtual environment.
+evaluation. privfed runs its unchanged ServerApp and ClientApp; like the pfl baseline (which
+never evaluates) it evaluates only at the end: ``federation.evaluate_every`` = rounds, so
+the server evaluates the final model on its 5,000-example test split once, after the last
+round (inside the timed rounds). pfl-research runs ``pfl_throughput.py`` from the
+baselines in its own virtual environment.
 
 Every arm is one fresh process (``privfed simulate`` or the pfl script). Figures:
 
@@ -71,7 +73,8 @@ def overrides(data: Path, rounds: int) -> list[str]:
     keys = {
         "federation.clients": SITES, "federation.rounds": rounds,
         "federation.fraction_train": COHORT / SITES, "federation.fraction_evaluate": 0.0,
-        "federation.min_train": COHORT, "data.dataset": "npz", "data.path": json.dumps(str(data)),
+        "federation.min_train": COHORT, "federation.evaluate_every": rounds,
+        "data.dataset": "npz", "data.path": json.dumps(str(data)),
         "data.partitioner": "iid", "data.val_fraction": 0.0, "model.name": "mlp",
         "train.epochs": 1, "train.batch_size": 32, "train.lr": 0.05, "train.optimizer": "sgd",
         "train.momentum": 0.0, "train.centralized_baseline": "false",
