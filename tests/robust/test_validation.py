@@ -118,3 +118,25 @@ def test_bound_replies_rewrites_only_the_long_ones(flower_task):
     first = {k: v.numpy() for k, v in replies[0].content[ARRAYS].items()}
     assert update_norm(first, GLOBAL) == pytest.approx(1.0, rel=1e-6)
     assert bound_replies(replies, GLOBAL, 0.0) == 0  # 0 = off
+
+
+def test_weighted_fedavg_equals_flowers_fedavg_bit_for_bit(flower_task):
+    from flwr.serverapp.strategy import FedAvg
+
+    from server.robust import WeightedFedAvg
+    from shared.wire import record_to_numpy
+
+    g = np.random.default_rng(4)
+    replies = [reply({"w": g.standard_normal((3, 4)).astype(np.float32),
+                      "b": g.standard_normal(4).astype(np.float32)},
+                     examples=int(g.integers(1, 500)), node=n)
+               for n in range(2, 9)]  # fmt: skip
+    ours, our_metrics = WeightedFedAvg(weighted_by_key=NUM_EXAMPLES).aggregate_train(1, replies)
+    flowers, their_metrics = FedAvg(weighted_by_key=NUM_EXAMPLES).aggregate_train(1, replies)
+    mine, theirs = record_to_numpy(ours), record_to_numpy(flowers)
+    assert list(mine) == list(theirs)
+    for key in mine:
+        assert mine[key].dtype == theirs[key].dtype
+        assert mine[key].tobytes() == theirs[key].tobytes(), key
+    assert dict(our_metrics) == dict(their_metrics)
+    assert WeightedFedAvg().aggregate_train(1, []) == (None, None)
