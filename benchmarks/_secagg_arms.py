@@ -1,13 +1,22 @@
-"""One arm of ``benchmarks.secagg`` on Flower's Simulation Engine (run in its own process).
+"""One arm of ``benchmarks.secagg``, run in its own process (so RSS is the arm's own).
 
-usage: python -m benchmarks._secagg_arms ARM N ROUNDS D_IN D_OUT K T POLL
+usage: python -m benchmarks._secagg_arms ARM BACKEND N ROUNDS K T POLL
   ARM = plain   : Message-API FedAvg through privfed's round loop
         privfed : the same loop with ``SecAggPlus(FedAvg)`` and ``secagg_mod``
+        paired  : plain and privfed rounds alternating on one grid (each its own model;
+                  the ClientApp is privfed's, whose mod passes plain rounds through)
         stock   : Flower's legacy FedAvg + SecAggPlusWorkflow + secaggplus_mod
-                  (num_shares = K + 1, reconstruction_threshold = T)
-Model: nn.Linear(D_IN, D_OUT); local training: one SGD step on 8 random samples; no evaluation.
-Every arm's InMemoryGrid polls every POLL seconds (privfed's exchange too): same transport.
-Prints one line ``RESULT {json}``: per-round seconds, round trips, driver RSS, reply bytes.
+                  (num_shares = K + 1, reconstruction_threshold = T); Ray only
+  BACKEND = ray       : Flower's Simulation Engine, 2 ClientApp actors; every InMemoryGrid
+                        pulls replies every POLL seconds (privfed's exchange too)
+            inprocess : privfed's ``InProcessGrid`` over a pool of 2 warm worker processes
+                        (``simulations.workers``); plain's ``send_and_receive`` blocks until
+                        replies are in, privfed's exchange pulls every POLL seconds
+Model: nn.Linear(1000, 1000); local training: one SGD step on 8 random samples; no evaluation.
+The ClientApps are module attributes (``plain_client``, ``privfed_client``) so that the
+in-process worker pool can import them. Prints one line ``RESULT {json}``: per-round
+seconds (paired: per arm, and the per-round ratios privfed / plain), round trips, driver
+RSS, reply bytes (Ray).
 """
 
 from __future__ import annotations
@@ -25,14 +34,20 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
 from torch import nn  # noqa: E402
 
+from client.secagg_mod import secagg_mod  # noqa: E402
+from shared.config import RunConfig  # noqa: E402
+
 torch.set_num_threads(1)
-ARM, N, ROUNDS, D_IN, D_OUT, K, T = sys.argv[1], *map(int, sys.argv[2:8])
-POLL = float(sys.argv[8])
+D_IN = D_OUT = 1000
+D = D_IN * D_OUT + D_OUT
 NEX = 8
-R: dict = {"arm": ARM, "N": N, "rounds": ROUNDS, "d": D_IN * D_OUT + D_OUT, "round_s": [],
-           "round_trips": [], "reply_bytes": []}  # fmt: skip
+RUN_CONFIG = RunConfig().to_flat()  # defaults: no dropout, no norm bound, seed 0
+WORKERS = 2  # Ray: 2 CPUs, one ClientApp actor each; in-process: 2 worker processes
+R: dict = {"round_trips": [], "reply_bytes": []}
 
 
 def _rss_mib() -> float:
@@ -82,12 +97,41 @@ def one_step(net: nn.Module, seed: int) -> float:
     return float(loss.detach())
 
 
-def patch_transport() -> None:
-    """Same poll interval everywhere; record the size of the first large replies."""
+def _train(msg: Message, context: Context) -> Message:
+    net = make_net()
+    net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    loss = one_step(net, int(context.node_config["partition-id"]))
+    return Message(RecordDict({"arrays": ArrayRecord(net.state_dict()),
+                               "metrics": MetricRecord({"train_loss": loss,
+                                                        "num-examples": NEX})}),
+                   reply_to=msg)  # fmt: skip
+
+
+def run_config_mod(msg: Message, context: Context, call_next) -> Message:
+    """Give the site privfed's default run config for this call (``secagg_mod`` reads
+    ``robust`` and ``faults`` from it); Flower's public ``run_simulation`` passes none, and
+    Flower refuses a context whose run config changed, so the original is put back."""
+    if context.run_config:
+        return call_next(msg, context)
+    original, context.run_config = context.run_config, dict(RUN_CONFIG)
+    try:
+        return call_next(msg, context)
+    finally:
+        context.run_config = original
+
+
+plain_client = ClientApp(mods=[run_config_mod])
+plain_client.train()(_train)
+privfed_client = ClientApp(mods=[run_config_mod, secagg_mod])
+privfed_client.train()(_train)
+
+
+def patch_transport(poll: float) -> None:
+    """Same poll interval in every InMemoryGrid; record the size of the first large replies."""
     from flwr.common.serde import message_to_proto
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-    InMemoryGrid.__init__.__defaults__ = (POLL,)
+    InMemoryGrid.__init__.__defaults__ = (poll,)
     pull = InMemoryGrid.pull_messages
 
     def pull_messages(self, message_ids):
@@ -95,65 +139,78 @@ def patch_transport() -> None:
         for msg in out:
             if len(R["reply_bytes"]) < 3 and msg.has_content():
                 size = message_to_proto(msg).ByteSize()
-                if size > R["d"]:
+                if size > D:
                     R["reply_bytes"].append(size)
         return out
 
     InMemoryGrid.pull_messages = pull_messages
 
 
-def build_msg(secure: bool):
-    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
-    from flwr.clientapp import ClientApp
-    from flwr.serverapp import Grid, ServerApp
+class _Counted:
+    """Mixin for ``SecAggPlus``: record round trips; ``last`` is the run's last round (the
+    paired arm runs one round per ``run_rounds`` call, which would call every round last)."""
+
+    total_rounds = 0
+
+    def train_round(self, rnd, arrays, grid, *, last):  # noqa: ANN001, ANN201
+        out = super().train_round(rnd, arrays, grid, last=rnd == self.total_rounds)
+        R["round_trips"].append(out.round_trips)
+        return out
+
+
+def _strategies(n: int, rounds: int, k: int, t: int, poll: float):
+    """(plain FedAvg, SecAggPlus(FedAvg)) with the arms' settings."""
     from flwr.serverapp.strategy import FedAvg
 
-    from client.secagg_mod import secagg_mod
-    from server.loop import LoopSettings, run_rounds
     from server.secagg import SecAggPlus
     from shared.config import SecAggConfig
+
+    class Counted(_Counted, SecAggPlus):
+        pass
+
+    def fedavg() -> FedAvg:
+        return FedAvg(fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n)
+
+    config = SecAggConfig(enabled=True, k=k, threshold=t)
+    secure = Counted(fedavg(), config, expected_sites=n, poll_interval=poll)
+    secure.total_rounds = rounds
+    R["k"], R["t"], R["bits"] = k, t, config.bits
+    return fedavg(), secure
+
+
+def msg_server(arm: str, n: int, rounds: int, k: int, t: int, poll: float):
+    """privfed's round loop as a ServerApp: ``plain`` FedAvg, ``privfed`` SecAggPlus(FedAvg),
+    or ``paired``: both on the same grid, alternating round by round (each keeps its own
+    model), so that both see the same load; round r's order alternates too."""
+    from flwr.serverapp import Grid, ServerApp
+
+    from server.loop import LoopSettings, run_rounds
     from shared.training import EvalResult
-
-    client = ClientApp(mods=[secagg_mod] if secure else None)
-
-    @client.train()
-    def train(msg: Message, context: Context) -> Message:
-        net = make_net()
-        net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        loss = one_step(net, int(context.node_config["partition-id"]))
-        return Message(RecordDict({"arrays": ArrayRecord(net.state_dict()),
-                                   "metrics": MetricRecord({"train_loss": loss,
-                                                            "num-examples": NEX})}),
-                       reply_to=msg)  # fmt: skip
 
     server = ServerApp()
 
-    class Counted(SecAggPlus):
-        def train_round(self, *args, **kwargs):
-            out = super().train_round(*args, **kwargs)
-            R["round_trips"].append(out.round_trips)
-            return out
-
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        strategy = FedAvg(fraction_evaluate=0.0, min_train_nodes=N, min_available_nodes=N)
-        if secure:
-            config = SecAggConfig(enabled=True, k=K, threshold=T)
-            strategy = Counted(strategy, config, expected_sites=N, poll_interval=POLL)
-            R["k"], R["t"], R["bits"] = K, T, config.bits
+        plain, secure = _strategies(n, rounds, k, t, poll)
+        arms = {"plain": plain, "privfed": secure}
+        order = ["plain", "privfed"] if arm == "paired" else [arm]
+        models = {a: ArrayRecord(make_net().state_dict()) for a in order}
         RSS.begin()
-        run_rounds(strategy, grid, ArrayRecord(make_net().state_dict()),
-                   LoopSettings(rounds=ROUNDS), lambda a: EvalResult(0.0, 0.0, 0),
-                   lambda report, a: R["round_s"].append(report.seconds))  # fmt: skip
+        for rnd in range(1, rounds + 1):
+            for a in order if rnd % 2 else order[::-1]:
+                key = "round_s" if arm != "paired" else f"{a}_round_s"
+                models[a] = run_rounds(
+                    arms[a], grid, models[a], LoopSettings(rounds=rnd, start_round=rnd),
+                    lambda m: EvalResult(0.0, 0.0, 0),
+                    lambda report, m, key=key: R.setdefault(key, []).append(report.seconds))
         RSS.end()
 
-    return server, client
+    return server
 
 
-def build_stock():
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "shared", "baselines"))
-    from flwr.app import Context
-    from flwr.client import ClientApp, NumPyClient
+def build_stock(n: int, rounds: int, k: int, t: int):
+    from flwr.client import NumPyClient
+    from flwr.client import ClientApp as LegacyClientApp
     from flwr.client.mod import secaggplus_mod
     from flwr.common import ndarrays_to_parameters
     from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
@@ -176,43 +233,87 @@ def build_stock():
         def evaluate(self, parameters, config):
             return 0.0, NEX, {}
 
-    client = ClientApp(client_fn=lambda ctx: Client(ctx.node_config["partition-id"]).to_client(),
-                       mods=[secaggplus_mod])  # fmt: skip
+    client = LegacyClientApp(
+        client_fn=lambda ctx: Client(ctx.node_config["partition-id"]).to_client(),
+        mods=[secaggplus_mod])  # fmt: skip
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        strategy = FedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=N,
-                          min_available_clients=N,
+        strategy = FedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=n,
+                          min_available_clients=n,
                           initial_parameters=ndarrays_to_parameters(weights(make_net())))
-        workflow = SecAggPlusWorkflow(num_shares=K + 1, reconstruction_threshold=T, timeout=600)
-        R["num_shares"], R["threshold"] = K + 1, T
+        workflow = SecAggPlusWorkflow(num_shares=k + 1, reconstruction_threshold=t, timeout=600)
+        R["num_shares"], R["threshold"] = k + 1, t
 
         def fit(g, c):
-            t = time.perf_counter()
+            start = time.perf_counter()
             workflow(g, c)
-            R["round_s"].append(time.perf_counter() - t)
+            R.setdefault("round_s", []).append(time.perf_counter() - start)
             R["round_trips"].append(4)
 
         RSS.begin()
         DefaultWorkflow(fit_workflow=fit)(grid, LegacyContext(
-            context=context, config=ServerConfig(num_rounds=ROUNDS), strategy=strategy))
+            context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy))
         RSS.end()
 
     return server, client
 
 
-if __name__ == "__main__":
+def run_ray(arm: str, n: int, rounds: int, k: int, t: int, poll: float) -> None:
     from flwr.simulation import run_simulation
 
-    patch_transport()
-    server_app, client_app = build_stock() if ARM == "stock" else build_msg(ARM == "privfed")
+    patch_transport(poll)
+    if arm == "stock":
+        server_app, client_app = build_stock(n, rounds, k, t)
+    else:
+        server_app = msg_server(arm, n, rounds, k, t, poll)
+        client_app = plain_client if arm == "plain" else privfed_client
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": 2, "include_dashboard": False}}  # fmt: skip
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=N,
+               "init_args": {"num_cpus": WORKERS, "include_dashboard": False}}  # fmt: skip
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,
                    backend_config=backend)  # fmt: skip
-    rs = R["round_s"]
-    R["round_s"] = [round(x, 3) for x in rs]
-    steady = rs[1:-1] if len(rs) > 2 else rs  # excl. round 1 (setup) and the last round
-    R["median_round_s"] = round(float(np.median(steady)), 3)
+
+
+def run_inprocess(arm: str, n: int, rounds: int, k: int, t: int, poll: float) -> None:
+    """The arm on privfed's in-process backend, through its public classes."""
+    from simulations.inprocess import InProcessGrid, VirtualSites
+    from simulations.runner import new_run
+    from simulations.workers import make_executor
+
+    if arm == "stock":
+        raise SystemExit("the stock arm runs on Ray only")
+    # Workers are forked before any thread starts (the RSS sampler starts in the server).
+    client = "plain" if arm == "plain" else "privfed"
+    executor = make_executor(WORKERS, f"benchmarks._secagg_arms:{client}_client")
+    try:
+        flat = dict(RUN_CONFIG)
+        run = new_run(flat)
+        grid = InProcessGrid(VirtualSites(n, run.run_id, flat), executor)
+        grid.set_run(run)
+        context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(),
+                          run_config=dict(flat))  # fmt: skip
+        msg_server(arm, n, rounds, k, t, poll)(grid=grid, context=context)
+    finally:
+        executor.close()
+
+
+def main(argv: list[str]) -> None:
+    arm, backend = argv[0], argv[1]
+    n, rounds, k, t = map(int, argv[2:6])
+    poll = float(argv[6])
+    R.update({"arm": arm, "backend": backend, "N": n, "rounds": rounds, "d": D})
+    {"ray": run_ray, "inprocess": run_inprocess}[backend](arm, n, rounds, k, t, poll)
+    for key in [k for k in R if k.endswith("round_s")]:
+        rs = R[key]
+        R[key] = [round(x, 3) for x in rs]
+        steady = rs[1:-1] if len(rs) > 2 else rs  # excl. round 1 (setup) and the last round
+        R["median_" + key] = round(float(np.median(steady)), 3)
+    if arm == "paired":  # per-round ratios, steady rounds
+        pairs = list(zip(R["privfed_round_s"], R["plain_round_s"], strict=True))[1:-1]
+        R["ratios"] = [round(a / b, 3) for a, b in pairs]
     print("RESULT " + json.dumps(R), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,13 +1,24 @@
 """SecAgg+ round cost: plain FedAvg vs Flower's stock SecAgg+ vs privfed SecAgg+.
 
-``python -m benchmarks.secagg [--json] [--clients 20] [--rounds 6]``
+``python -m benchmarks.secagg [--json] [--clients 20] [--rounds 6] [--paired-rounds 10]``
 
-Round arms (``benchmarks._secagg_arms``, each in its own process so RSS is per arm) run on
-Flower's Simulation Engine (Ray, 2 CPUs) with the same InMemoryGrid transport and poll
-interval: a 1M-parameter linear model, one local SGD step, no evaluation, all sites every
-round. Stock SecAgg+ uses num_shares = k + 1 (odd: Flower 1.41 crashes on an even
-num_shares < N) and privfed the same k neighbours and threshold. Round time: median over
-rounds 2..R-1 (round 1 sets up keys and starts Ray; privfed's last round sets up nothing).
+Workload: a 1M-parameter linear model, one local SGD step, no evaluation, all sites every
+round; privfed uses the same k neighbours and threshold t as stock's num_shares = k + 1 (odd:
+Flower 1.41 crashes on an even num_shares < N). Each arm runs in its own process
+(``benchmarks._secagg_arms``), so RSS is per arm.
+
+* ``privfed_vs_plain`` (Flower's Simulation Engine, Ray, 2 ClientApp actors) and
+  ``privfed_vs_plain_inprocess`` (privfed's ``InProcessGrid``, 2 worker processes): plain
+  and privfed rounds alternate on ONE grid in one process (paired arm), so both see the same
+  machine load; the figure is the median of the per-round ratios over rounds 2..R-1 (round 1
+  sets up keys and starts the backend; privfed's last round sets up nothing), with their
+  range. On Ray every InMemoryGrid pulls replies every ``--poll`` seconds, privfed's exchange
+  too; in process plain's ``send_and_receive`` blocks on the workers and privfed's exchange
+  pulls every ``--poll`` seconds.
+* ``stock_vs_plain``, ``server_peak_mb_*``, upload bytes: plain, stock and privfed each in
+  their own Ray process (stock's legacy ClientApp cannot share a run with the others), at
+  10 and ``--clients`` sites; round time is the median over rounds 2..R-1.
+  ``privfed_vs_plain_separate`` is privfed's ratio measured that way.
 
 In process, 1 thread: client encode (clip, quantize, weight, k + 1 masks) and server
 unmask + decode per 1M parameters for both implementations, and the unmask stage alone for
@@ -149,15 +160,24 @@ def stock_micro(n: int, k: int, t: int, unmask_clients: int | None = None) -> di
     return out
 
 
-def run_arm(arm: str, n: int, rounds: int, k: int, t: int, poll: float) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks._secagg_arms", arm, str(n), str(rounds), "1000",
-           "1000", str(k), str(t), str(poll)]  # fmt: skip
+def run_arm(arm: str, backend: str, n: int, rounds: int, k: int, t: int, poll: float) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks._secagg_arms", arm, backend, str(n), str(rounds),
+           str(k), str(t), str(poll)]  # fmt: skip
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     match = re.search(r"^RESULT (.*)$", proc.stdout, re.M)
     if match is None:
-        raise RuntimeError(f"arm {arm} N={n} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"arm {arm} on {backend} N={n} failed:\n{proc.stderr[-3000:]}")
     return json.loads(match.group(1))
+
+
+def paired_ratio(result: dict) -> dict[str, object]:
+    """Median and range of the per-round ratios privfed / plain of a paired run."""
+    ratios = result["ratios"]
+    return {"median": round(statistics.median(ratios), 2),
+            "range": [round(min(ratios), 2), round(max(ratios), 2)],
+            "plain_round_s": result["median_plain_round_s"],
+            "privfed_round_s": result["median_privfed_round_s"]}  # fmt: skip
 
 
 def shares_for(n: int) -> tuple[int, int]:
@@ -172,28 +192,45 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--paired-rounds", type=int, default=10)
     ap.add_argument("--poll", type=float, default=0.01)
     args = ap.parse_args()
     torch.set_num_threads(1)
     figures: dict[str, object] = {"clients": args.clients, "rounds": args.rounds, "d": 1_001_000,
+                                  "paired_rounds": args.paired_rounds,
                                   "poll_interval_s": args.poll, "threads": 1}  # fmt: skip
-    arms: dict[tuple[str, int], dict] = {}
-    for n in sorted({10, args.clients}):
-        k, t = shares_for(n)
-        for arm in ("plain", "stock", "privfed"):
-            arms[(arm, n)] = run_arm(arm, n, args.rounds, k, t, args.poll)
-            r = arms[(arm, n)]
-            print(f"# {arm:8s} N={n:3d} k={k} t={t} round_s={r['round_s']} "
-                  f"peak={r['server_peak_mib']} MiB", file=sys.stderr)  # fmt: skip
     n = args.clients
     k, t = shares_for(n)
+    paired = {b: run_arm("paired", b, n, args.paired_rounds, k, t, args.poll)
+              for b in ("ray", "inprocess")}  # fmt: skip
+    for b, r in paired.items():
+        print(f"# paired {b:9s} N={n:3d} k={k} t={t} plain={r['plain_round_s']} "
+              f"privfed={r['privfed_round_s']} ratios={r['ratios']}", file=sys.stderr)
+    arms: dict[tuple[str, int], dict] = {}
+    for m in sorted({10, n}):
+        km, tm = shares_for(m)
+        for arm in ("plain", "stock", "privfed"):
+            arms[(arm, m)] = run_arm(arm, "ray", m, args.rounds, km, tm, args.poll)
+            r = arms[(arm, m)]
+            print(f"# {arm:8s} ray N={m:3d} k={km} t={tm} round_s={r['round_s']} "
+                  f"peak={r['server_peak_mib']} MiB", file=sys.stderr)  # fmt: skip
     plain, stock, ours = (arms[(a, n)]["median_round_s"] for a in ("plain", "stock", "privfed"))
     mine, theirs = privfed_micro(n, k, t), stock_micro(n, k, t, unmask_clients=100)
+    ray, inproc = paired_ratio(paired["ray"]), paired_ratio(paired["inprocess"])
+    trips = paired["ray"]["round_trips"]
     figures.update({
         "k": k, "threshold": t,
+        "privfed_vs_plain": ray["median"], "privfed_vs_plain_range": ray["range"],
+        "privfed_vs_plain_inprocess": inproc["median"],
+        "privfed_vs_plain_inprocess_range": inproc["range"],
+        "paired_ray_round_s": {"plain": ray["plain_round_s"], "privfed": ray["privfed_round_s"]},
+        "paired_inprocess_round_s": {"plain": inproc["plain_round_s"],
+                                     "privfed": inproc["privfed_round_s"]},
         "plain_round_s": plain, "stock_round_s": stock, "privfed_round_s": ours,
-        "round_trips_per_round": statistics.median(arms[("privfed", n)]["round_trips"][1:]),
-        "round_trips_round1": arms[("privfed", n)]["round_trips"][0],
+        "privfed_vs_plain_separate": round(ours / plain, 2),
+        "stock_vs_plain": round(stock / plain, 2),
+        "round_trips_per_round": statistics.median(trips[1:]),
+        "round_trips_round1": trips[0],
         "stock_round_trips_per_round": 4,
         "encode_ms": round(mine["encode_ms"], 1), "stock_encode_ms": round(theirs["encode_ms"], 1),
         "decode_ms": round(mine["decode_ms"], 1), "stock_decode_ms": round(theirs["decode_ms"], 1),
@@ -210,8 +247,6 @@ def main() -> None:
             figures[f"{prefix}server_peak_mb_{m}"] = a["server_peak_mib"]
             figures[f"{prefix}server_growth_mb_{m}"] = round(
                 a["server_peak_mib"] - a["server_start_mib"], 1)
-    figures["stock_vs_plain"] = round(stock / plain, 2)
-    figures["privfed_vs_plain"] = round(ours / plain, 2)
     emit(figures, as_json=args.json)
 
 
