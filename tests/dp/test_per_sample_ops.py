@@ -67,9 +67,12 @@ CONV_CASES = [
 @pytest.mark.parametrize("b", [1, 3, 18])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("min_positions", [0, conv_module.IM2COL_MIN_POSITIONS])
-def test_conv_per_sample_grads(case, b, channels_last, min_positions, monkeypatch):
-    """Both paths: 0 sends every single-input-channel layer through im2col."""
+@pytest.mark.parametrize("chunk_bytes", [1, 6000, conv_module.GROUPED_CHUNK_BYTES])
+def test_conv_per_sample_grads(case, b, channels_last, min_positions, chunk_bytes, monkeypatch):
+    """Both paths: 0 sends every single-input-channel layer through im2col; small
+    ``chunk_bytes`` split the grouped path into one-sample and uneven multi-sample chunks."""
     monkeypatch.setattr(conv_module, "IM2COL_MIN_POSITIONS", min_positions)
+    monkeypatch.setattr(conv_module, "GROUPED_CHUNK_BYTES", chunk_bytes)
     nd, c_in, c_out, k, stride, pad, dil, groups, size = case
     if min_positions == 0 and (c_in, groups) != (1, 1):
         pytest.skip("im2col is only for single-input-channel layers")
@@ -93,8 +96,11 @@ def test_conv_per_sample_grads(case, b, channels_last, min_positions, monkeypatc
 @pytest.mark.parametrize("case", [(2, 1, 4, 5, 1, 2, 1, 1, 12), (2, 3, 4, 3, 1, 1, 1, 1, 6),
                                   (1, 1, 3, 5, 2, 1, 1, 1, 70), (1, 2, 3, 3, 2, 1, 1, 1, 9)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_conv_workspace_reuse_across_batch_sizes(case, channels_last):
-    """Reused buffers (padding borders, columns, folded inputs) never leak between calls."""
+@pytest.mark.parametrize("chunk_bytes", [6000, conv_module.GROUPED_CHUNK_BYTES])
+def test_conv_workspace_reuse_across_batch_sizes(case, channels_last, chunk_bytes, monkeypatch):
+    """Reused buffers (padding borders, columns, folded inputs, chunk results) never leak
+    between calls."""
+    monkeypatch.setattr(conv_module, "GROUPED_CHUNK_BYTES", chunk_bytes)
     nd, c_in, c_out, k, stride, pad, dil, groups, size = case
     if channels_last and nd != 2:
         pytest.skip("channels_last is a 2-D layout")
