@@ -30,6 +30,7 @@ channel back, see :mod:`server.handback`):
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -238,7 +239,7 @@ def submit(
         "server": server,
         "status": status,
         "rounds_completed": len(progress.rounds),
-        "final_accuracy": last.get("accuracy"),
+        "final_accuracy": _finite(last.get("accuracy")),
         "server_dir": progress.server_dir,
         "server_output": str(server_output) if server_output is not None else None,
         "handed_back": received.files,
@@ -253,13 +254,19 @@ def submit(
     if status != "finished:completed":
         raise SubmitError(f"run {progress.run_id} on {server} ended as {status!r}; "
                           f"see {out_dir / 'run.log'}")
-    broken = sorted(set(received.refused) & set(HANDBACK_FILES))
+    # A file refused in transit but then copied from a readable --server-output is intact.
+    broken = sorted(set(received.refused) & set(HANDBACK_FILES) - set(copied))
     if broken:
         where = f" (on the server: {progress.server_dir})" if progress.server_dir else ""
         reasons = "; ".join(f"{n}: {received.refused[n]}" for n in broken)
         raise SubmitError(f"run {progress.run_id} completed, but {', '.join(broken)} did not "
                           f"arrive intact and was not written{where}: {reasons}")
     return summary
+
+
+def _finite(value: float | None) -> float | None:
+    """JSON has no NaN (a round without a central evaluation): ``None`` instead."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _say_where(received: Received, asked: bool, server_dir: str | None, echo: TextIO) -> None:
