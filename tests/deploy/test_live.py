@@ -44,6 +44,9 @@ def _app_hands_back() -> bool:
 
 
 HANDS_BACK = _app_hands_back()
+#: Whether the run config can declare the model's input (data.input_shape, data.num_classes).
+DECLARES_SPEC = "data.input_shape" in (Path(__file__).resolve().parents[2] / "pyproject.toml"
+                                       ).read_text()
 
 
 class Federation:
@@ -181,6 +184,28 @@ def test_two_rounds_over_tls_with_dp_each_site_keeps_its_data_and_its_ledger(fed
     for site in "abc":
         with np.load(federation.data[site]) as npz:
             assert npz["x"][0].tobytes()[:64] not in server_bytes
+
+
+@pytest.mark.skipif(not DECLARES_SPEC, reason="the run config has no data.input_shape yet")
+def test_the_run_declares_the_input_spec_and_each_site_checks_its_file_against_it(federation):
+    import torch
+
+    # The server holds no data file: the run states the sites' spec (MNIST-1D rows of 40).
+    spec = ["federation.clients=3", "federation.rounds=1", "federation.fraction_evaluate=0.0",
+            "data.dataset=npz", "data.num_classes=10", "model.name=mlp"]
+    _, out = federation.submit("spec", *spec, "data.input_shape=40")
+    rows = _rows(out / "server" / "metrics.jsonl")
+    assert rows[0]["clients_trained"] == 3 and rows[0]["clients_failed"] == 0
+    if HANDS_BACK:
+        model = torch.load(out / "local" / "model.pt")
+        shapes = [tuple(v.shape) for k, v in model.items() if k.endswith("weight")]
+        assert shapes[0] == (256, 40) and shapes[-1] == (10, 100)
+    # A declaration the sites' files do not fit: each site refuses with the reason.
+    text, out = federation.submit("bad-spec", *spec, "data.input_shape=39")
+    rows = _rows(out / "server" / "metrics.jsonl")
+    assert rows[0]["clients_trained"] == 0 and rows[0]["clients_failed"] == 3
+    assert text.count("examples have shape '40', but the run declares data.input_shape = "
+                      "'39'") >= 3, text[-3000:]
 
 
 def _kill_during_round(federation, site, *sets):
