@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from server.checkpoint import Checkpoint, CheckpointError, CheckpointStore
+from server.checkpoint import Checkpoint, CheckpointError, CheckpointStore, CheckpointWriter
 from server.loop import LoopSettings, run_rounds
 from server.reporting import RoundReport, RunRecorder
 from server.robust import aggregation_strategy
@@ -142,7 +142,7 @@ def main(grid: Grid, context: Context) -> None:
 
     def on_round(report: RoundReport, arrays: ArrayRecord) -> None:
         python_rng, torch_rng = Checkpoint.capture_rng()
-        store.save(Checkpoint(round=report.round, model=dict(from_record(arrays)),
+        writer.submit(Checkpoint(round=report.round, model=dict(from_record(arrays)),
                               run_config=config.to_flat(),
                               rounds=[asdict(r) for r in [*recorder.rounds, report]],
                               site_epsilon=report.epsilon, python_rng=python_rng,
@@ -157,8 +157,12 @@ def main(grid: Grid, context: Context) -> None:
                               expected_sites=config.federation.train_cohort())  # fmt: skip
     if resumed:
         restore_strategy_state(strategy, resumed.strategy_state)
-    final = run_rounds(strategy, grid, initial, settings, central_eval, on_round,
-                       epsilon=resumed.site_epsilon if resumed else None)
+    writer = CheckpointWriter(store)  # each round's checkpoint is written during the next
+    try:
+        final = run_rounds(strategy, grid, initial, settings, central_eval, on_round,
+                           epsilon=resumed.site_epsilon if resumed else None)
+    finally:
+        writer.close()
     recorder.save_model(from_record(final))
     recorder.plot()
     last = recorder.rounds[-1] if recorder.rounds else None

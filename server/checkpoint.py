@@ -19,6 +19,7 @@ import io
 import logging
 import random
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,3 +143,40 @@ class CheckpointStore:
         if errors:
             raise CheckpointError("no usable checkpoint: " + "; ".join(errors))
         return None
+
+
+class CheckpointWriter:
+    """Writes each round's checkpoint on a background thread while the next round runs.
+
+    At most one write is in flight: :meth:`submit` first waits for the previous write
+    (and raises its error, so a full disk stops the run), and :meth:`close` waits for the
+    last. A crash can lose only a checkpoint whose write had not finished, as a crash
+    during a synchronous write would; the checkpoint's contents (model copy, metrics,
+    RNG and strategy state) are taken by the caller before it is submitted.
+    """
+
+    def __init__(self, store: CheckpointStore) -> None:
+        self.store = store
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="privfed-checkpoint")
+        self._pending: Future[Path] | None = None
+
+    def submit(self, checkpoint: Checkpoint) -> None:
+        """Start writing ``checkpoint`` once the previous write has finished."""
+        self.wait()
+        self._pending = self._pool.submit(self.store.save, checkpoint)
+
+    def wait(self) -> Path | None:
+        """Wait for the write in flight; its path (None if there was none).
+
+        Raises:
+            OSError: the write failed.
+        """
+        pending, self._pending = self._pending, None
+        return pending.result() if pending is not None else None
+
+    def close(self) -> None:
+        """Wait for the last write, then stop the thread."""
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown()

@@ -120,3 +120,22 @@ def test_secagg_sites_bound_their_own_update_norm():
     assert np.linalg.norm(_bounded(update, 1.5)) == pytest.approx(1.5, rel=1e-6)
     assert _bounded(update, 10.0) is update and _bounded(update, 0.0) is update
     assert not _bounded(np.zeros(4, np.float32), 1.0).any()  # norm 0: untouched
+
+
+def test_background_writer_keeps_order_and_surfaces_a_failed_write(tmp_path):
+    from server.checkpoint import CheckpointWriter
+
+    store = CheckpointStore(tmp_path / "run", keep=2)
+    writer = CheckpointWriter(store)
+    for rnd in (1, 2, 3):
+        writer.submit(make(rnd))
+    writer.close()  # waits for the last write
+    assert [p.name for p in store.files()] == ["round-000002.ckpt", "round-000003.ckpt"]
+    assert store.latest().round == 3
+
+    (tmp_path / "blocked").write_text("a file where the run folder should be")
+    broken = CheckpointWriter(CheckpointStore(tmp_path / "blocked"))
+    broken.submit(make(1))
+    with pytest.raises(OSError):
+        broken.submit(make(2))  # the failed write stops the run at the next round
+    broken.close()
