@@ -8,7 +8,9 @@ was folded in).
 
 Guarantees:
     * Masked inputs are folded into ONE uint32 accumulator on arrival; no list of vectors is
-      kept, so memory is one model-sized vector plus O(n * k) small state.
+      kept, so memory is one model-sized vector plus O(n * k) small state. Likewise a
+      survivor's self mask is removed as soon as t shares of its seed are in, while the other
+      unmask replies are still on their way; ``finalize`` does only what is left.
     * With enough surviving share holders (``t`` per client whose secret is needed) the result
       is exactly ``sum of encoded inputs of survivors mod 2**32``; otherwise ``SecAggAbort``
       is raised as soon as the shortfall is certain, and the session stays aborted.
@@ -74,6 +76,7 @@ class SecAggServer:
         self._inbox: dict[int, dict[int, bytes]] = {}  # receiver -> sender -> ciphertext
         self._acc = np.zeros(self.vector_len, dtype=np.uint32)
         self._shares: dict[str, dict[int, dict[int, np.ndarray]]] = {"seed": {}, "key": {}}
+        self._unmasked: set[int] = set()  # survivors whose self mask is already removed
 
     # -- stage bookkeeping -----------------------------------------------------------------------
     def _advance(self, current: Stage | None, new: Stage | None) -> None:
@@ -254,6 +257,24 @@ class SecAggServer:
                 raise ContractError(f"client {u} sent a share outside the field")
             for owner, row in zip(owners, elems, strict=True):
                 self._shares[kind].setdefault(owner, {})[u] = row
+        self._remove_self_masks(
+            [o for o in res.seed_owners if len(self._shares["seed"][o]) == self.params.t]
+        )
+
+    def _remove_self_masks(self, owners: list[int]) -> None:
+        """Subtract the self masks of survivors ``owners`` (each with >= t seed shares in)
+        from the accumulator now, while other unmask replies are still on their way.
+
+        Only survivors of the masked-input stage are seed owners (``_on_unmask`` checks), so
+        this reveals nothing that ``finalize`` would not: it only does part of its work early.
+        """
+        owners = [o for o in owners if o not in self._unmasked]
+        if not owners:
+            return
+        seeds = self._reconstruct("seed", owners)
+        keys = [_masking.self_mask_key(seed, self.run_id, self.round) for seed in seeds]
+        _masking.add_masks(self._acc, keys, [-1] * len(keys))
+        self._unmasked.update(owners)
 
     def _reconstruct(self, kind: str, owners: list[int]) -> list[bytes]:
         t = self.params.t
@@ -278,7 +299,8 @@ class SecAggServer:
         """
         self._advance(Stage.UNMASK, None)
         survivors = sorted(self.stage_survivors[Stage.COLLECT_MASKED])
-        seeds = self._reconstruct("seed", survivors)
+        pending = [u for u in survivors if u not in self._unmasked]
+        seeds = self._reconstruct("seed", pending)
         keys = [_masking.self_mask_key(seed, self.run_id, self.round) for seed in seeds]
         signs = [-1] * len(keys)
         dropped = sorted(self._needed_dropped())

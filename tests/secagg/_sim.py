@@ -56,11 +56,15 @@ def run_round(
     round_: int = 3,
     transcript: Transcript | None = None,
     seed: int | None = None,
+    unmask_order: Callable[[list[int]], list[int]] | None = None,
+    before_finalize: Callable[[SecAggServer], None] | None = None,
 ) -> tuple[np.ndarray, SecAggServer, list[SecAggClient]]:
     """One full round; clients in ``drops[stage]`` do not reply at that stage (and after).
 
     ``inputs`` is ``(n, vector_len)`` uint32 (the encoded inputs). ``seed`` makes every
-    client's randomness reproducible (tests only).
+    client's randomness reproducible (tests only). ``unmask_order`` reorders the unmask
+    replies (given the repliers' indices in index order); ``before_finalize`` sees the
+    server after the last reply.
     """
     drops = drops or {}
     n, length = inputs.shape
@@ -84,9 +88,17 @@ def run_round(
     ]
     for stage, make_ins, act in steps:
         gone |= drops.get(stage, set())
+        replies = {}
         for u, ins in make_ins().items():
             if u in gone:
                 continue
             res = act(clients[u], _wire(ins, Direction.INS, transcript))
-            server.receive(_wire(res, Direction.RES, transcript))
+            replies[u] = _wire(res, Direction.RES, transcript)
+        order = list(replies)
+        if stage is Stage.UNMASK and unmask_order is not None:
+            order = unmask_order(order)
+        for u in order:
+            server.receive(replies[u])
+    if before_finalize is not None:
+        before_finalize(server)
     return server.finalize(), server, clients
