@@ -55,7 +55,8 @@ from kernels.keys import MaskKey
 from kernels.noise import gaussian_noise
 from kernels.per_sample import BookKeepingClipper, LossReduction, UnsupportedLayerError
 
-#: ``(shape, std, device) -> Tensor`` of i.i.d. N(0, std^2) float32 samples.
+#: ``(shape, std, device) -> Tensor`` of i.i.d. N(0, std^2) float32 samples: a fresh tensor
+#: of its own (the optimizer adds the clipped sum into it in place).
 NoiseFn = Callable[[tuple[int, ...], float, torch.device], torch.Tensor]
 
 #: Attributes Opacus' optimizers and hooks set on parameters; removed by ``finish``.
@@ -172,7 +173,8 @@ class _InjectedNoise:
 
     One call per step for all parameters (one flat draw, split per parameter); the std is
     Opacus' ``noise_multiplier * max_grad_norm``; std 0 adds nothing. ``p.grad`` becomes a
-    new tensor (``summed_grad`` is left as it was), as in Opacus.
+    new tensor (a view of that step's fresh draw, the sum added in place; ``summed_grad`` is
+    left as it was), as in Opacus.
     """
 
     noise_fn: NoiseFn
@@ -184,18 +186,16 @@ class _InjectedNoise:
         summed = [p.summed_grad for p in params]
         for g in summed:
             _check_processed_flag(g)
-        total = sum(g.numel() for g in summed)
-        if std > 0 and total:
-            flat = self.noise_fn((total,), std, params[0].device)
-            noise = [n.view_as(g) for n, g in zip(flat.split([g.numel() for g in summed]),
-                                                  summed, strict=True)]
-            if any(n.dtype != g.dtype for n, g in zip(noise, summed, strict=True)):
-                noise = [n.to(g.dtype) for n, g in zip(noise, summed, strict=True)]
-            noisy = torch._foreach_add(summed, noise)
+        sizes = [g.numel() for g in summed]
+        if std > 0 and sum(sizes):
+            flat = self.noise_fn((sum(sizes),), std, params[0].device)
+            noisy = [n.view_as(g) if n.dtype == g.dtype else n.view_as(g).to(g.dtype)
+                     for n, g in zip(flat.split(sizes), summed, strict=True)]
+            torch._foreach_add_(noisy, summed)  # in place: the grads are views of the draw
         else:
             noisy = [g.clone() for g in summed]
         for p, g in zip(params, noisy, strict=True):
-            p.grad = g.view_as(p)
+            p.grad = g if g.shape == p.shape else g.view_as(p)
             _mark_as_processed(p.summed_grad)
 
     def scale_grad(self) -> None:
@@ -212,6 +212,11 @@ class _NoisyFastOptimizer(_InjectedNoise, DPOptimizerFastGradientClipping):
     clears ``p.grad``, so ``zero_grad(set_to_none=False)`` cannot zero the sum of a skipped
     step); later backward passes before a step add into it, as in Opacus.
     """
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Opacus' ``zero_grad``, but ``set_to_none`` defaults to ``True`` as in torch: the next
+        backward then assigns the clipped sums instead of adding them to zeros."""
+        super().zero_grad(set_to_none)
 
     def accumulate(self) -> None:
         for p in self.params:

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .clip import clip_factors
+from .clip import clip_factors_from_norms
 from .layers import RULES, UnsupportedLayerError, supported_layer_names
 from .workspace import Workspace, warm_heap
 
@@ -245,24 +245,34 @@ class BookKeepingClipper:
         b = record.batch_size or 0
         scale = float(b) if self.loss_reduction is LossReduction.MEAN else 1.0
         sq = [e.sq for e in record.entries.values() if e.sq is not None]
-        ref = next(iter(self.model.parameters()))
-        total = torch.stack(sq).sum(0) if sq else ref.new_zeros(b)
-        norms = total.sqrt() * scale
-        coef = clip_factors(total * scale**2, self.max_grad_norm)
+        if not sq:
+            total = next(iter(self.model.parameters())).new_zeros(b)
+        else:
+            total = sq[0] if len(sq) == 1 else torch.stack(sq).sum(0)
+        norms = total.sqrt_() if scale == 1.0 else total.sqrt_().mul_(scale)
+        coef = clip_factors_from_norms(norms, self.max_grad_norm)
         self.per_sample_norms, self.clip_factors = norms, coef
+        weights = coef if scale == 1.0 else coef * scale
         for layer in self.layers:
             entry = record.entries.get(layer.name)
-            sums = (layer.rule.sums(layer.module, entry.state, coef * scale)
+            sums = (layer.rule.sums(layer.module, entry.state, weights)
                     if entry is not None and entry.sq is not None else {})
             self._write(layer, sums)
 
     @staticmethod
     def _write(layer: _Layer, sums: dict[str, torch.Tensor]) -> None:
         """``p.grad = sum`` (fresh tensors from the rules), or ``p.grad += sum`` in place."""
+        params = layer.module._parameters
         for n in layer.names:
-            p = layer.module._parameters[n]
+            p = params[n]
             g = sums.get(n)
-            g = torch.zeros_like(p) if g is None else g.to(p.dtype).view_as(p)
+            if g is None:
+                g = torch.zeros_like(p)
+            else:
+                if g.dtype != p.dtype:
+                    g = g.to(p.dtype)
+                if g.shape != p.shape:
+                    g = g.view_as(p)
             if p.grad is None:
                 p.grad = g
             else:

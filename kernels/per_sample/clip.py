@@ -16,7 +16,12 @@ def clip_factors(sq_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
     division by zero), ``C / norm`` (up to the 1e-6) above the bound, so every clipped
     gradient has norm <= ``C``. NaN norms give NaN factors (a NaN loss stays visible).
     """
-    return (max_grad_norm / (sq_norms.sqrt() + CLIP_EPS)).clamp(max=1.0)
+    return clip_factors_from_norms(sq_norms.sqrt(), max_grad_norm)
+
+
+def clip_factors_from_norms(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """:func:`clip_factors` from the norms themselves: ``min(1, C / (norm + 1e-6))``."""
+    return (max_grad_norm / (norms + CLIP_EPS)).clamp_(max=1.0)
 
 
 def per_sample_sq_norms(per_sample: torch.Tensor) -> torch.Tensor:
@@ -25,15 +30,18 @@ def per_sample_sq_norms(per_sample: torch.Tensor) -> torch.Tensor:
     One reduction pass without a ``(B, ...)`` temporary (``vecdot`` allocates one, and a
     fresh multi-MiB buffer costs page faults on every step).
     """
-    flat = per_sample.reshape(per_sample.shape[0], math.prod(per_sample.shape[1:]))
-    return torch.linalg.vector_norm(flat, dim=1).square_()
+    if per_sample.dim() != 2:
+        per_sample = per_sample.reshape(per_sample.shape[0], math.prod(per_sample.shape[1:]))
+    return torch.linalg.vector_norm(per_sample, dim=1).square_()
 
 
 def weighted_sum(per_sample: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """``sum_i coef_i * per_sample[i]`` (one GEMV); zeros for an empty batch."""
+    """``sum_i coef_i * per_sample[i]`` (one GEMV, a fresh tensor); zeros for an empty batch."""
     b = per_sample.shape[0]
     if b == 0:
         return per_sample.new_zeros(per_sample.shape[1:])
-    return torch.mv(per_sample.reshape(b, -1).t(), coef.to(per_sample.dtype)).reshape(
-        per_sample.shape[1:]
-    )
+    if coef.dtype != per_sample.dtype:
+        coef = coef.to(per_sample.dtype)
+    if per_sample.dim() == 2:
+        return coef @ per_sample
+    return (coef @ per_sample.reshape(b, -1)).view(per_sample.shape[1:])

@@ -35,10 +35,10 @@ def _output_path_pays(x: torch.Tensor) -> bool:
 def _output_path_ok(weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
     if weight is None or bias is None:
         return False
-    w_abs = weight.detach().abs()
-    if not bool((w_abs > 0).all()):
-        return False
-    return bool((bias.detach().abs() <= OUTPUT_PATH_MAX_RATIO * w_abs).all())
+    # |b| / |w| is inf (b != 0) or NaN (b == 0) where w == 0, and amax propagates NaN:
+    # one reduction checks both w != 0 and the ratio bound.
+    ratio = bias.detach().abs().div_(weight.detach().abs())
+    return bool(ratio.amax() <= OUTPUT_PATH_MAX_RATIO)
 
 
 def group_norm_per_sample_grads(

@@ -41,7 +41,11 @@ def _per_sample_rule_sums(state: tuple[torch.Tensor | None, ...], names, coef) -
 
 
 def _sq_of(state: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
-    return sum(per_sample_sq_norms(t) for t in state if t is not None)
+    sq = None
+    for t in state:
+        if t is not None:
+            sq = per_sample_sq_norms(t) if sq is None else sq.add_(per_sample_sq_norms(t))
+    return sq
 
 
 class _Rule:

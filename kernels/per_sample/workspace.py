@@ -63,7 +63,7 @@ class Workspace:
             make = torch.zeros if zero else torch.empty
             t = make((rows, *shape[1:]), dtype=like.dtype, device=like.device)
             self._bufs[name] = t
-        return t[: shape[0]]
+        return t if t.shape[0] == shape[0] else t[: shape[0]]
 
     def clear(self) -> None:
         """Drop every buffer (e.g. when the engine is removed)."""

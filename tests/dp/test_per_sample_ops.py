@@ -156,6 +156,19 @@ def test_group_norm_both_paths(shape, groups, affine, min_numel, monkeypatch):
         _close(gb, rb)
 
 
+@pytest.mark.parametrize("w,b,ok", [
+    ([1.0, -2.0], [4.0, 8.0], True),  # |b| / |w| == 4 exactly
+    ([1.0, -2.0], [4.0, 8.5], False),  # one ratio above 4
+    ([1.0, 0.0], [0.5, 0.0], False),  # zero weight, zero bias (0 / 0)
+    ([1.0, 0.0], [0.5, 1.0], False),  # zero weight (x / 0)
+    ([1e-30, 3.0], [0.0, -0.1], True),
+])
+def test_group_norm_output_path_check(w, b, ok):
+    """The output path divides by w: it is taken only when every w != 0 and |b| <= 4 |w|."""
+    w, b = torch.tensor(w, dtype=DT), torch.tensor(b, dtype=DT)
+    assert group_norm_module._output_path_ok(w, b) is ok
+
+
 @pytest.mark.parametrize("idx_shape", [(1,), (4,), (3, 1), (5, 6), (2, 3, 4)])
 @pytest.mark.parametrize("padding_idx", [None, 0])
 def test_embedding_norms_and_sums(idx_shape, padding_idx):
