@@ -85,6 +85,9 @@ def weighted_mean(contents: list[RecordDict], weight_key: str) -> ArrayRecord:
 class WeightedFedAvg(FedAvg):
     """Flower's FedAvg with :func:`weighted_mean` as its array aggregation."""
 
+    #: A weighted mean, so secure aggregation (which reveals only that) may wrap it.
+    secagg_compatible = True
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
