@@ -191,6 +191,7 @@ def msg_server(arm: str, n: int, rounds: int, k: int, t: int, poll: float):
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
+        R["grid_pull_interval_s"] = getattr(grid, "pull_interval", None)  # Ray: the same POLL
         plain, secure = _strategies(n, rounds, k, t, poll)
         arms = {"plain": plain, "privfed": secure}
         order = ["plain", "privfed"] if arm == "paired" else [arm]
@@ -243,6 +244,7 @@ def build_stock(n: int, rounds: int, k: int, t: int):
         strategy = FedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=n,
                           min_available_clients=n,
                           initial_parameters=ndarrays_to_parameters(weights(make_net())))
+        R["grid_pull_interval_s"] = getattr(grid, "pull_interval", None)
         workflow = SecAggPlusWorkflow(num_shares=k + 1, reconstruction_threshold=t, timeout=600)
         R["num_shares"], R["threshold"] = k + 1, t
 

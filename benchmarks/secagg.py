@@ -1,6 +1,6 @@
 """SecAgg+ round cost: plain FedAvg vs Flower's stock SecAgg+ vs privfed SecAgg+.
 
-``python -m benchmarks.secagg [--json] [--clients 20] [--rounds 6] [--paired-rounds 10]``
+``python -m benchmarks.secagg [--json] [--clients 20] [--rounds 6] [--paired-rounds 16]``
 
 Workload: a 1M-parameter linear model, one local SGD step, no evaluation, all sites every
 round; privfed uses the same k neighbours and threshold t as stock's num_shares = k + 1 (odd:
@@ -13,8 +13,10 @@ Flower 1.41 crashes on an even num_shares < N). Each arm runs in its own process
   machine load; the figure is the median of the per-round ratios over rounds 2..R-1 (round 1
   sets up keys and starts the backend; privfed's last round sets up nothing), with their
   range. On Ray every InMemoryGrid pulls replies every ``--poll`` seconds, privfed's exchange
-  too; in process plain's ``send_and_receive`` blocks on the workers and privfed's exchange
-  pulls every ``--poll`` seconds.
+  too (checked: the run fails otherwise); Flower's engine hands pushed messages to the
+  actors on a fixed 0.1 s tick (``vce_api.add_messages_to_queue``), which every round trip
+  of every arm waits for. In process plain's ``send_and_receive`` blocks on the workers and
+  privfed's exchange pulls every ``--poll`` seconds (at most ``--poll`` per round trip lost).
 * ``stock_vs_plain``, ``server_peak_mb_*``, upload bytes: plain, stock and privfed each in
   their own Ray process (stock's legacy ClientApp cannot share a run with the others), at
   10 and ``--clients`` sites; round time is the median over rounds 2..R-1.
@@ -194,7 +196,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--paired-rounds", type=int, default=10)
+    ap.add_argument("--paired-rounds", type=int, default=16)
     ap.add_argument("--poll", type=float, default=0.01)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -216,6 +218,9 @@ def main() -> None:
             r = arms[(arm, m)]
             print(f"# {arm:8s} ray N={m:3d} k={km} t={tm} round_s={r['round_s']} "
                   f"peak={r['server_peak_mib']} MiB", file=sys.stderr)  # fmt: skip
+    pulls = {r.get("grid_pull_interval_s") for r in [*arms.values(), paired["ray"]]}
+    if pulls != {args.poll}:  # every Ray arm must poll its grid at the same interval
+        raise RuntimeError(f"Ray arms pulled replies every {pulls} s, expected {args.poll}")
     plain, stock, ours = (arms[(a, n)]["median_round_s"] for a in ("plain", "stock", "privfed"))
     mine, theirs = privfed_micro(n, k, t), stock_micro(n, k, t, unmask_clients=100)
     ray, inproc = paired_ratio(paired["ray"]), paired_ratio(paired["inprocess"])
