@@ -19,6 +19,7 @@ within :func:`dequantization_error_bound` of the sum of the clipped inputs.
 """
 
 import math
+import threading
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -35,7 +36,12 @@ from kernels._ring import (
     is_cuda,
     ring_to_unsigned,
 )
-from kernels.chacha20 import KeystreamReader, check_stream_args, reference_chacha20_keystream
+from kernels.chacha20 import (
+    WORDS_PER_BLOCK,
+    KeystreamReader,
+    check_stream_args,
+    reference_chacha20_keystream,
+)
 from kernels.keys import MaskKey
 
 MAX_BITS = 24
@@ -46,6 +52,12 @@ _MIN_CLIP, _MAX_CLIP = 2.0**-64, 2.0**64
 # per chunk, and at 128 Ki elements their fixed cost outweighs spilling from L2 to L3
 # (measured on the 2-core dev machine: ~15-40% faster than 64 Ki).
 QUANTIZE_CHUNK = 1 << 17  # must be even: a chunk boundary must not split a dither word
+# Dither elements per ChaCha20 block (64 bytes, 2 per element): a thread that starts at a
+# multiple of this starts its own keystream reader at a block counter.
+ELEMENTS_PER_BLOCK = 2 * WORDS_PER_BLOCK
+# torch runs an elementwise op of more than this many elements on its intra-op threads
+# (at::internal::GRAIN_SIZE); with several quantize threads the cores are already taken.
+_TORCH_GRAIN = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -122,7 +134,7 @@ def _check_dither_key(key: object, n: int) -> None:
 
 def quantize(
     x: torch.Tensor, *, clip_range: float, bits: int, key: MaskKey,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, threads: int = 1,
 ) -> torch.Tensor:
     """Quantise float32 ``x`` into ring elements in [0, 2**bits - 1] (rule in the module doc).
 
@@ -132,15 +144,22 @@ def quantize(
         bits: 1..24 bits per coordinate.
         key: dither key (use ``MaskPurpose.QUANTIZE_DITHER``, fresh per round and site).
         out: optional ``torch.int32`` tensor of ``x``'s shape and device to write into.
+        threads: CPU threads to split ``x`` over, each taking at least two chunks (a
+            performance knob: the bits do not depend on it; unused on CUDA). They overlap
+            in numpy's and torch's loops; OpenSSL's keystream holds the GIL. On the shared
+            2-core dev machine 2 threads were not faster (the other core was busy): use it
+            where a core is idle, and measure (``python -m benchmarks.kernels``).
 
     Returns:
         ``torch.int32`` ring tensor shaped like ``x`` (``out`` if given). Same bits on every
         device; same bits again for the same ``x`` and ``key``.
 
     Raises:
-        TypeError, ValueError: wrong dtype/layout, bad ``clip_range``/``bits``/``key``, or
-            NaN in ``x`` (a given ``out`` may then be partly written).
+        TypeError, ValueError: wrong dtype/layout, bad ``clip_range``/``bits``/``key``/
+            ``threads``, or NaN in ``x`` (a given ``out`` may then be partly written).
     """
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"threads must be an int >= 1, got {threads!r}")
     g = grid(clip_range, bits)
     check_tensor(x, "x", torch.float32)
     _check_dither_key(key, x.numel())
@@ -148,7 +167,7 @@ def quantize(
     if is_cuda(x):
         _quantize_cuda(x, out, g, key)
     else:
-        _quantize_cpu(flat_numpy(x), flat_numpy(out), g, key)
+        _quantize_cpu(flat_numpy(x), flat_numpy(out), g, key, threads)
     return out
 
 
@@ -180,12 +199,70 @@ def _nan_message(x) -> str:
     return f"x holds {count} NaN value(s); clip or reject the update before quantising"
 
 
-def _quantize_cpu(x: np.ndarray, out: np.ndarray, g: QuantizationGrid, key: MaskKey) -> None:
-    """Chunked CPU path: per chunk, draw the dither, scale, round; buffers stay in cache."""
-    reader = KeystreamReader(key.key, key.nonce)
+class _NaNFound(Exception):
+    """A chunk held NaN; :func:`_quantize_cpu` reports the count over the whole input."""
+
+
+def _quantize_cpu(
+    x: np.ndarray, out: np.ndarray, g: QuantizationGrid, key: MaskKey, threads: int
+) -> None:
+    """CPU path: one thread walks ``x``, or ``threads`` threads walk consecutive parts."""
+    starts = _split(x.size, threads)
+    try:
+        if len(starts) == 2:
+            _quantize_range(x, out, g, key, first_block=0, shared_cores=False)
+        else:
+            _in_threads(x, out, g, key, starts)
+    except _NaNFound:
+        raise ValueError(_nan_message(x)) from None
+
+
+def _split(n: int, threads: int) -> list[int]:
+    """Part boundaries: whole keystream blocks, at least two chunks per part."""
+    parts = max(1, min(threads, n // (2 * QUANTIZE_CHUNK)))
+    step = ELEMENTS_PER_BLOCK
+    return [i * n // parts // step * step for i in range(parts)] + [n]
+
+
+def _in_threads(x: np.ndarray, out: np.ndarray, g: QuantizationGrid, key: MaskKey,
+                starts: list[int]) -> None:
+    """Part 0 on this thread, the others on helper threads, each with its own keystream
+    reader from block ``start / 32``; a helper's error is re-raised here."""
+    errors: list[BaseException] = []
+
+    def run(a: int, b: int) -> None:
+        _quantize_range(x[a:b], out[a:b], g, key, first_block=a // ELEMENTS_PER_BLOCK,
+                        shared_cores=True)
+
+    def helper(a: int, b: int) -> None:
+        try:
+            run(a, b)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the calling thread
+            errors.append(error)
+
+    helpers = [threading.Thread(target=helper, args=bounds, name="privfed-quantize", daemon=True)
+               for bounds in zip(starts[1:-1], starts[2:], strict=True)]
+    for thread in helpers:
+        thread.start()
+    try:
+        run(starts[0], starts[1])
+    finally:
+        for thread in helpers:
+            thread.join()
+    if errors:
+        raise errors[0]
+
+
+def _quantize_range(
+    x: np.ndarray, out: np.ndarray, g: QuantizationGrid, key: MaskKey, *, first_block: int,
+    shared_cores: bool,
+) -> None:
+    """One thread over ``x``, which starts at element ``32 * first_block`` of the input: per
+    chunk, draw the dither, scale, round; buffers stay in cache."""
+    reader = KeystreamReader(key.key, key.nonce, first_block)
     size = min(x.size, QUANTIZE_CHUNK)
     words = np.empty((size + 1) // 2, dtype=np.uint32)
-    scratch = _Scratch(size, narrow=g.bits <= DITHER_BITS)
+    scratch = _Scratch(size, narrow=g.bits <= DITHER_BITS, shared_cores=shared_cores)
     # Narrow widths scale straight to y * 2**16 (a power-of-two factor: the same bits).
     scale = g.scale * _DITHER_SCALE if scratch.narrow else g.scale
     for part in chunks(x.size, size or 1):
@@ -202,8 +279,10 @@ def _quantize_cpu(x: np.ndarray, out: np.ndarray, g: QuantizationGrid, key: Mask
 class _Scratch:
     """Cache-resident buffers of one chunk; torch views share numpy's memory."""
 
-    def __init__(self, size: int, *, narrow: bool) -> None:
+    def __init__(self, size: int, *, narrow: bool, shared_cores: bool) -> None:
         self.narrow = narrow
+        # torch copies in pieces too small for its intra-op threads when cores are shared.
+        self.convert_step = min(size, _TORCH_GRAIN) if shared_cores else max(size, 1)
         self.y = np.empty(size, dtype=np.float32)
         self.fixed = np.empty(size, dtype=np.uint32 if narrow else np.int32)
         self.whole = np.empty(0 if narrow else size, dtype=np.float32)
@@ -217,13 +296,15 @@ def _scale_chunk(x: np.ndarray, y: np.ndarray, clip: float, scale: float) -> Non
     np.add(y, c, out=y)
     np.multiply(y, np.float32(scale), out=y)
     if math.isnan(float(np.maximum.reduce(y))):  # numpy's max propagates NaN
-        raise ValueError(_nan_message(x))
+        raise _NaNFound
 
 
 def _round_narrow(scratch: _Scratch, m: int, dither: np.ndarray, out_u32: np.ndarray) -> None:
     """bits <= 16: y holds y * 2**16 < 2**32; out = (floor(y * 2**16) + dither) >> 16."""
     fixed = scratch.fixed[:m]
-    scratch.fixed_t[:m].copy_(scratch.y_t[:m])  # float32 -> uint32, truncating (y >= 0)
+    step = scratch.convert_step
+    for a in range(0, m, step):  # float32 -> uint32, truncating (y >= 0)
+        scratch.fixed_t[a : a + step].copy_(scratch.y_t[a : a + step])
     np.add(fixed, dither, out=fixed)  # < (2**16 - 1) * 2**16 + 2**16 = 2**32: no wrap
     np.right_shift(fixed, DITHER_BITS, out=out_u32)
 

@@ -1,6 +1,8 @@
 """quantize / dequantize / check_ring_capacity: reference, range, error bound, refusals."""
 
+import importlib
 import math
+import threading
 from fractions import Fraction
 
 import numpy as np
@@ -19,6 +21,8 @@ from kernels import (
     reference_quantize,
 )
 from tests.kernels.conftest import SIZES, make_key
+
+_module = importlib.import_module("kernels.quantize")  # the function shadows the attribute
 
 BITS = (1, 8, 15, 16, 17, 24)
 
@@ -49,6 +53,52 @@ def test_nan_is_refused():
     x = torch.tensor([0.0, math.nan, 1.0])
     with pytest.raises(ValueError, match="1 NaN"):
         quantize(x, clip_range=1.0, bits=8, key=make_key("n"))
+
+
+# Large enough for two threads of two chunks; odd, so that the split and the last chunk
+# fall mid-way through keystream words and blocks.
+TWO_THREAD_SIZE = 4 * _module.QUANTIZE_CHUNK + 37
+
+
+@pytest.mark.parametrize("bits", [8, 16, 17, 24])
+@pytest.mark.parametrize(
+    ("threads", "n"),
+    [(1, TWO_THREAD_SIZE), (2, TWO_THREAD_SIZE), (3, TWO_THREAD_SIZE),
+     (3, 6 * _module.QUANTIZE_CHUNK + 1)],
+)
+def test_any_thread_count_matches_the_reference(bits, threads, n, gen, monkeypatch):
+    x = _update(n, gen, scale=2.0)
+    key = make_key(f"t{bits}")
+    seen = []
+    inner = _module._quantize_range
+
+    def spy(x_part, *args, **kwargs):
+        seen.append((threading.current_thread(), kwargs["first_block"] * 32, x_part.size))
+        return inner(x_part, *args, **kwargs)
+
+    monkeypatch.setattr(_module, "_quantize_range", spy)
+    q = quantize(x, clip_range=3.0, bits=bits, key=key, threads=threads)
+    assert torch.equal(q, reference_quantize(x, clip_range=3.0, bits=bits, key=key))
+    used = min(threads, n // (2 * _module.QUANTIZE_CHUNK))  # at least two chunks per thread
+    assert len({id(thread) for thread, _, _ in seen}) == len(seen) == used
+    parts = sorted((start, size) for _, start, size in seen)
+    assert [start for start, _ in parts] == [0, *(a + n for a, n in parts[:-1])]  # contiguous
+    assert sum(size for _, size in parts) == x.numel()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("where", [[5, TWO_THREAD_SIZE - 9, TWO_THREAD_SIZE - 1], [-1]])
+def test_nan_anywhere_is_refused_with_the_whole_count(where, threads):
+    x = torch.zeros(TWO_THREAD_SIZE)
+    x[where] = math.nan  # in both parts and at the very end; or only in the helper's part
+    with pytest.raises(ValueError, match=f"x holds {len(where)} NaN"):
+        quantize(x, clip_range=1.0, bits=16, key=make_key("n2"), threads=threads)
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
+def test_bad_thread_count_is_refused(threads):
+    with pytest.raises(ValueError, match=f"threads must be an int >= 1, got {threads!r}"):
+        quantize(torch.zeros(4), clip_range=1.0, bits=8, key=make_key("b"), threads=threads)
 
 
 def test_scale_is_rounded_down_so_values_stay_in_range():
