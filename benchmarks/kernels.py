@@ -1,8 +1,10 @@
 """Benchmark kernels/ against Flower's stock update encoding, side by side in one process.
 
 ``python -m benchmarks.kernels [--json] [--quick]``. One thread (torch.set_num_threads(1),
-OpenBLAS pinned to 1 before numpy loads), median of repeats after warm-up. The last stdout
-line is one JSON object; ratios > 1 mean privfed is faster.
+OpenBLAS pinned to 1 before numpy loads), median of repeats after warm-up, contenders timed
+in alternation. The last stdout line is one JSON object; ratios > 1 mean privfed is faster.
+Figures named ``*_2threads_*`` are the exception: ``kernels.quantize(..., threads=2)``
+splits its input over two threads, against the same one-thread Flower arm.
 """
 
 import os
@@ -19,6 +21,8 @@ from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen  # n
 
 import kernels  # noqa: E402
 from benchmarks._common import emit, median_seconds, paired_medians  # noqa: E402
+from kernels._ring import empty_numpy_backed  # noqa: E402
+from kernels.chacha20 import KeystreamReader  # noqa: E402
 
 CLIP, BITS = 3.0, 16
 
@@ -45,19 +49,40 @@ def bench_keystream(n_words: int, repeat: int) -> dict[str, float]:
 
 
 def bench_quantize(n: int, repeat: int) -> dict[str, float]:
+    """Ours (fresh output, given output, two threads) against Flower on the same input, and
+    the floor of any one-thread CPU quantiser that draws its 16-bit dither from OpenSSL's
+    ChaCha20, reads x once and writes a fresh int32 output: the keystream and a copy into
+    fresh memory alone, no arithmetic (``quantize_1thread_ceiling_vs_flower``)."""
     x = (torch.randn(n, generator=torch.Generator().manual_seed(0)) * 0.5).contiguous()
     x_np = x.numpy()
     key = _key(kernels.MaskPurpose.QUANTIZE_DITHER)
     out = torch.empty(n, dtype=kernels.RING_DTYPE)
     levels = (1 << BITS) - 1
-    ours, into, flower = paired_medians(
-        lambda: kernels.quantize(x, clip_range=CLIP, bits=BITS, key=key),
+    dither = np.empty((n + 1) // 2, dtype=np.uint32)
+
+    def quantize() -> torch.Tensor:
+        return kernels.quantize(x, clip_range=CLIP, bits=BITS, key=key)
+
+    def fresh_copy() -> None:
+        np.copyto(empty_numpy_backed(n, np.dtype(np.int32), (n,)).numpy(), x_np,
+                  casting="unsafe")
+
+    ours, into, two, keystream, copy, flower = paired_medians(
+        quantize,
         lambda: kernels.quantize(x, clip_range=CLIP, bits=BITS, key=key, out=out),
+        lambda: kernels.quantize(x, clip_range=CLIP, bits=BITS, key=key, threads=2),
+        lambda: KeystreamReader(key.key, key.nonce).read_into(dither),
+        fresh_copy,
         lambda: flower_quantize([x_np], CLIP, levels),
         repeat=repeat,
     )
     return {"quantize_vs_flower": flower / ours, "quantize_melem_s": n / ours / 1e6,
-            "quantize_out_melem_s": n / into / 1e6, "flower_quantize_melem_s": n / flower / 1e6}
+            "quantize_out_melem_s": n / into / 1e6, "flower_quantize_melem_s": n / flower / 1e6,
+            "quantize_2threads_vs_flower": flower / two,
+            "quantize_2threads_melem_s": n / two / 1e6,
+            "quantize_ms": ours * 1e3, "quantize_dither_keystream_ms": keystream * 1e3,
+            "quantize_fresh_copy_ms": copy * 1e3,
+            "quantize_1thread_ceiling_vs_flower": flower / (keystream + copy)}
 
 
 def bench_mask(n: int, repeat: int) -> dict[str, float]:
