@@ -49,6 +49,21 @@ def test_extremes_and_infinities_map_to_the_ends(gen):
     assert q.tolist() == [0, 0, 0, 4095, 4095, 4095]
 
 
+@pytest.mark.parametrize("bits", [1, 16, 17, 24])
+@pytest.mark.parametrize("clip_range", [0.1, 1.0, 3.0, 7.7, 2.0**-64, 2.0**64])
+def test_values_at_and_beyond_the_clip_range_match_the_reference(clip_range, bits, gen):
+    c = np.float32(clip_range)
+    inf = np.float32(math.inf)
+    edges = [-inf, -c * 4, np.nextafter(-c, -inf), -c, np.nextafter(-c, 0), -c / 3,
+             np.float32(-1e-45), np.float32(-0.0), np.float32(0.0), np.float32(1e-45), c / 3,
+             np.nextafter(c, 0), c, np.nextafter(c, inf), c * 4, inf]
+    x = torch.cat([torch.tensor(np.array(edges, dtype=np.float32)),
+                   _update(1000, gen, scale=float(c))])
+    key = make_key(f"edge{clip_range}")
+    assert torch.equal(quantize(x, clip_range=clip_range, bits=bits, key=key),
+                       reference_quantize(x, clip_range=clip_range, bits=bits, key=key))
+
+
 def test_nan_is_refused():
     x = torch.tensor([0.0, math.nan, 1.0])
     with pytest.raises(ValueError, match="1 NaN"):
