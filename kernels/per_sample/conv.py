@@ -29,10 +29,10 @@ from .workspace import Workspace, scratch
 IM2COL_CHUNK = 16
 #: Output positions from which a single-input-channel conv uses im2col (below: grouped).
 IM2COL_MIN_POSITIONS = 64
-#: Bytes of input, output gradient and per-sample gradients per grouped-convolution call:
-#: a chunk's re-laid-out inputs and results stay in L2 (16-17 samples of the 16->32 5x5
-#: layer at 14x14, where one 64-sample call was 1.6-2x slower under load).
-GROUPED_CHUNK_BYTES = 3 << 19
+#: Bytes of input, output gradient and per-sample gradients per grouped-convolution call
+#: (bounds the temporaries). Within a DP step one call is fastest: for the 16->32 5x5 layer
+#: at 14x14, batch 64, 1 thread, chunks of 9/17/35/64 samples cost 4.3/4.2/4.0/3.6 ms.
+GROUPED_CHUNK_BYTES = 8 << 20
 
 
 def conv_per_sample_grads(
@@ -63,14 +63,12 @@ def conv_per_sample_grads(
         ``(B, *weight_shape)`` and ``(B, C_out)`` (or ``None``); empty for ``B = 0``.
     """
     b = x.shape[0]
-    gb = g.sum(dim=tuple(range(2, g.dim()))) if bias else None
     if b == 0:
-        return x.new_zeros((0, *weight_shape)), gb
+        return x.new_zeros((0, *weight_shape)), (x.new_zeros((0, g.shape[1])) if bias else None)
     if use_im2col(weight_shape, groups, g.shape[2:]):
-        gw = _im2col_grads(x, g, weight_shape, stride, padding, dilation, workspace)
-    else:
-        gw = _grouped_grads(x, g, weight_shape, stride, padding, dilation, groups, workspace)
-    return gw, gb
+        return _im2col_grads(x, g, weight_shape, stride, padding, dilation, bias, workspace)
+    return _grouped_grads(x, g, weight_shape, stride, padding, dilation, groups, bias,
+                          workspace)
 
 
 def use_im2col(weight_shape: Sequence[int], groups: int, out_spatial: Sequence[int]) -> bool:
@@ -102,62 +100,71 @@ def _padded(x: torch.Tensor, padding: Sequence[int], ws: Workspace | None) -> to
     return xp
 
 
-def _im2col_grads(x, g, weight_shape, stride, padding, dilation, ws) -> torch.Tensor:
-    """Per-sample grads via a strided im2col view and a batched matmul, in chunks."""
+def _im2col_grads(x, g, weight_shape, stride, padding, dilation, bias, ws):
+    """Per-sample grads via a strided im2col view and a batched matmul, in chunks; with
+    ``bias``, a row of ones under the columns gives the bias grads from the same matmul."""
     nd = len(weight_shape) - 2
     kernel, out_sp = list(weight_shape[2:]), list(g.shape[2:])
     xp = _padded(x, padding, ws)
     b, c_out = x.shape[0], weight_shape[0]
     k_len, p_len = weight_shape[1] * math.prod(kernel), math.prod(out_sp)
+    rows = k_len + 1 if bias else k_len
     g_pc = _channels_last_view(g)  # (B, P, C_out) when g is channels-last: no transpose copy
     g3 = g.reshape(b, c_out, p_len) if g_pc is None else None
-    out = scratch(ws, "grads", (b, c_out, k_len) if g_pc is None else (b, k_len, c_out), x)
+    out = scratch(ws, "grads", (b, c_out, rows) if g_pc is None else (b, rows, c_out), x)
     for s in range(0, b, IM2COL_CHUNK):
         xs = xp[s : s + IM2COL_CHUNK]
         n, sp = xs.shape[0], xs.stride()[2:]
         size = (n, xs.shape[1], *kernel, *out_sp)
         strides = (xs.stride(0), xs.stride(1), *(sp[d] * dilation[d] for d in range(nd)),
                    *(sp[d] * stride[d] for d in range(nd)))
-        cols = scratch(ws, "cols", size, x).copy_(xs.as_strided(size, strides))
-        cols = cols.view(n, k_len, p_len)
+        cols = scratch(ws, "cols", (n, rows, p_len), x)
+        cols[:, :k_len].view(size).copy_(xs.as_strided(size, strides))
+        if bias:
+            cols[:, k_len].fill_(1.0)
         sl = slice(s, s + n)
         if g_pc is None:
             torch.bmm(g3[sl], cols.transpose(1, 2), out=out[sl])
         else:
             torch.bmm(cols, g_pc[sl], out=out[sl])
     if g_pc is not None:
-        out = out.transpose(1, 2)
-    return out.reshape(b, *weight_shape)
+        out = out.transpose(1, 2)  # (B, C_out, rows)
+    gw = out[:, :, :k_len].reshape(b, *weight_shape)
+    return gw, (out[:, :, k_len] if bias else None)
 
 
 def _folded(t: torch.Tensor, name: str, ws: Workspace | None) -> torch.Tensor:
-    """``(n, C, *sp)`` -> ``(1, n * C, *sp)``: a view if contiguous, else a copy into a reused
-    buffer sized for one chunk (the copy of a channels-last chunk stays in cache for the
-    convolution that reads it next)."""
+    """``(n, C, *sp)`` -> ``(1, n * C, *sp)``: a view if contiguous, else a reused copy."""
     if not t.is_contiguous():
         t = scratch(ws, name, tuple(t.shape), t).copy_(t)
     return t.view(1, t.shape[0] * t.shape[1], *t.shape[2:])
 
 
-def _grouped_grads(x, g, weight_shape, stride, padding, dilation, groups, ws) -> torch.Tensor:
-    """Per-sample grads as grouped-convolution weight gradients (batch in channels), in
-    chunks of about :data:`GROUPED_CHUNK_BYTES` written into one ``(B, *weight_shape)``
-    tensor (a single call, and no copy, when the whole batch fits)."""
-    b = x.shape[0]
+def _grouped_grads(x, g, weight_shape, stride, padding, dilation, groups, bias, ws):
+    """Per-sample grads as grouped-convolution weight (and bias) gradients, batch folded
+    into channels, in chunks of about :data:`GROUPED_CHUNK_BYTES` (one call, and no copy,
+    when the whole batch fits)."""
+    b, c_out = x.shape[0], weight_shape[0]
     numel = math.prod(x.shape[1:]) + math.prod(g.shape[1:]) + math.prod(weight_shape)
     chunk = min(b, max(1, GROUPED_CHUNK_BYTES // (numel * x.element_size())))
     out = scratch(ws, "grads", (b, *weight_shape), x) if chunk < b else None
+    out_b = scratch(ws, "bias_grads", (b, c_out), x) if chunk < b and bias else None
     # Only its shape is read (output_mask asks for the weight gradient alone).
     w_full = scratch(ws, "weight_shape", (chunk, *weight_shape), x)
     for s in range(0, b, chunk):
         xs, gs = x[s : s + chunk], g[s : s + chunk]
         n = xs.shape[0]
-        gw = torch.ops.aten.convolution_backward(
+        _, gw, gb = torch.ops.aten.convolution_backward(
             _folded(gs, "g_folded", ws), _folded(xs, "x_folded", ws),
-            w_full[:n].view(-1, *weight_shape[1:]), None, list(stride), list(padding),
-            list(dilation), False, [0] * len(stride), n * groups, [False, True, False],
-        )[1]
+            w_full[:n].view(-1, *weight_shape[1:]), [n * c_out] if bias else None,
+            list(stride), list(padding), list(dilation), False, [0] * len(stride),
+            n * groups, [False, True, bias],
+        )
+        gw = gw.view(n, *weight_shape)
+        gb = gb.view(n, c_out) if bias else None
         if out is None:
-            return gw.view(n, *weight_shape)
-        out[s : s + n].copy_(gw.view(n, *weight_shape))
-    return out
+            return gw, gb
+        out[s : s + n].copy_(gw)
+        if bias:
+            out_b[s : s + n].copy_(gb)
+    return out, out_b
