@@ -18,7 +18,6 @@ Summing ``n`` quantised vectors in Z_2^32 is exact if ``n * L <= 2**32 - 1`` (se
 within :func:`dequantization_error_bound` of the sum of the clipped inputs.
 """
 
-import math
 import threading
 from dataclasses import dataclass
 from fractions import Fraction
@@ -48,6 +47,7 @@ MAX_BITS = 24
 DITHER_BITS = 16
 _DITHER_SCALE = float(1 << DITHER_BITS)
 _MIN_CLIP, _MAX_CLIP = 2.0**-64, 2.0**64
+_FLOAT32_INF_BITS = 0x7F800000
 # Elements per CPU chunk. Larger than kernels._ring.CPU_CHUNK: quantize makes ~8 numpy calls
 # per chunk, and at 128 Ki elements their fixed cost outweighs spilling from L2 to L3
 # (measured on the 2-core dev machine: ~15-40% faster than 64 Ki).
@@ -295,7 +295,10 @@ def _scale_chunk(x: np.ndarray, y: np.ndarray, clip: float, scale: float) -> Non
     np.clip(x, -c, c, out=y)
     np.add(y, c, out=y)
     np.multiply(y, np.float32(scale), out=y)
-    if math.isnan(float(np.maximum.reduce(y))):  # numpy's max propagates NaN
+    # y is +0 or a positive finite float unless x held NaN (clip and add keep NaN): as uint32
+    # its bits are then <= 0x7F7FFFFF, and any NaN, of either sign, is > 0x7F800000. An
+    # integer max is cheaper than a NaN-propagating float max (0.30 vs 0.46 ms per 10**7).
+    if int(np.maximum.reduce(y.view(np.uint32))) > _FLOAT32_INF_BITS:
         raise _NaNFound
 
 

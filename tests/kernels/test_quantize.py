@@ -64,10 +64,15 @@ def test_values_at_and_beyond_the_clip_range_match_the_reference(clip_range, bit
                        reference_quantize(x, clip_range=clip_range, bits=bits, key=key))
 
 
-def test_nan_is_refused():
-    x = torch.tensor([0.0, math.nan, 1.0])
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy on signaling NaN
+@pytest.mark.parametrize("bits", [8, 20])
+@pytest.mark.parametrize("nan_bits", [0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFFFFFFF])
+def test_nan_of_any_sign_and_payload_is_refused(nan_bits, bits):
+    x = torch.tensor([0.0, 1.0, -math.inf, math.inf, 0.0])
+    x.view(torch.int32)[1] = torch.tensor(nan_bits, dtype=torch.int64).to(torch.int32)
+    assert math.isnan(x[1].item())
     with pytest.raises(ValueError, match="1 NaN"):
-        quantize(x, clip_range=1.0, bits=8, key=make_key("n"))
+        quantize(x, clip_range=1.0, bits=bits, key=make_key("n"))
 
 
 # Large enough for two threads of two chunks; odd, so that the split and the last chunk
