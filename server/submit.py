@@ -270,10 +270,8 @@ def _finite(value: float | None) -> float | None:
 
 
 def _say_where(received: Received, asked: bool, server_dir: str | None, echo: TextIO) -> None:
-    """One line per file kept on the server, or why nothing was handed back."""
-    for name, info in received.held.items():
-        echo.write(f"privfed run: {name} stays on the server host: {info.get('path')} "
-                   f"(sha256 {info.get('sha256')})\n")
+    """Say so when the app was asked for its files and handed none back (the files held
+    on the server were announced, with their path, as their frames arrived)."""
     if asked and not received.complete and not received.files:
         echo.write("privfed run: the server's app handed no files back (is it an older "
                    f"privfed?); they are on the server host in {server_dir or 'output.dir'}\n")
