@@ -232,7 +232,7 @@ def _in_threads(x: np.ndarray, out: np.ndarray, g: QuantizationGrid, key: MaskKe
 
     def run(a: int, b: int) -> None:
         _quantize_range(x[a:b], out[a:b], g, key, first_block=a // ELEMENTS_PER_BLOCK,
-                        shared_cores=True)
+                        shared_cores=torch.get_num_threads() > 1)
 
     def helper(a: int, b: int) -> None:
         try:
@@ -281,7 +281,8 @@ class _Scratch:
 
     def __init__(self, size: int, *, narrow: bool, shared_cores: bool) -> None:
         self.narrow = narrow
-        # torch copies in pieces too small for its intra-op threads when cores are shared.
+        # Copy in pieces too small for torch's intra-op threads when our threads hold the
+        # cores (else each of them would start an OpenMP team).
         self.convert_step = min(size, _TORCH_GRAIN) if shared_cores else max(size, 1)
         self.y = np.empty(size, dtype=np.float32)
         self.fixed = np.empty(size, dtype=np.uint32 if narrow else np.int32)

@@ -106,6 +106,19 @@ def test_any_thread_count_matches_the_reference(bits, threads, n, gen, monkeypat
     assert sum(size for _, size in parts) == x.numel()
 
 
+@pytest.mark.parametrize("torch_threads", [1, 2])
+def test_two_threads_match_under_either_torch_thread_setting(torch_threads, gen):
+    # Two torch threads: our threads convert in pieces below torch's parallel grain.
+    x = _update(TWO_THREAD_SIZE, gen, scale=2.0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    try:
+        q = quantize(x, clip_range=3.0, bits=16, key=make_key("tt"), threads=2)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(q, reference_quantize(x, clip_range=3.0, bits=16, key=make_key("tt")))
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("where", [[5, TWO_THREAD_SIZE - 9, TWO_THREAD_SIZE - 1], [-1]])
 def test_nan_anywhere_is_refused_with_the_whole_count(where, threads):
