@@ -79,9 +79,11 @@ def _exchange(
     a site that did not answer in time included (it is one more failed site)."""
     received = list(grid.send_and_receive(messages, timeout=timeout))
     ok, failures = _split_failures(received, stage, rnd)
-    answered = {m.metadata.src_node_id for m in received}
+    # Every Grid gives each pushed message its id; a reply names it. (Not the reply's
+    # source node: Flower answers for an unreachable node from the SuperLink's own id.)
+    answered = {m.metadata.reply_to_message_id for m in received}
     for msg in messages:
-        if msg.metadata.dst_node_id not in answered:
+        if msg.metadata.message_id not in answered:
             reason = f"node {msg.metadata.dst_node_id}: no reply within {timeout:g} s"
             log.warning("round %d %s: %s", rnd, stage, reason)
             failures.append(reason)
