@@ -16,7 +16,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from shared.config import DataConfig, Dataset, RunConfig
-from shared.data import ArrayDataset, DataError, SplitDataset, holdout, load, load_site_file
+from shared.data import (
+    ArrayDataset,
+    DataError,
+    SplitDataset,
+    check_against_spec,
+    holdout,
+    load,
+    load_site_file,
+)
 from shared.models import InputSpec
 from shared.partition import partition
 from shared.wire import NUM_PARTITIONS, PARTITION_ID, SITE_NAME_KEY
@@ -43,10 +51,13 @@ def site_data(config: RunConfig, node_config: Mapping[str, object]) -> SiteData:
     """
     if DATA_PATH in node_config:
         data = load_site_file(str(node_config[DATA_PATH]), config.data.label_column)
-        # A built-in data set fixes the model's input spec for every party; a site
-        # file's spec is read off the file.
+        # The run's declared spec, else a built-in data set's, fixes the model's input for
+        # every party: the site's file must fit it. Else the spec is read off the file.
         builtin = config.data.dataset in (Dataset.MNIST1D, Dataset.DIGITS)
-        spec = load(config.data).spec if builtin else _file_spec(data)
+        spec = config.data.input_spec() or (load(config.data).spec if builtin else None)
+        if spec is None:
+            spec = _file_spec(data)
+        check_against_spec(data, spec, f"site data file {node_config[DATA_PATH]}")
         site_id = _deployed_site_id(node_config)
         train, val = holdout(data, config.data.val_fraction, seed=config.federation.seed + site_id)
         return SiteData(train, val, spec, site_id=site_id)
@@ -83,7 +94,11 @@ def _file_spec(data: ArrayDataset) -> InputSpec:
 @functools.lru_cache(maxsize=2)
 def _pooled(data_config: DataConfig) -> SplitDataset:
     """The pooled data set, read once per process (a simulation's sites share it)."""
-    return load(data_config)
+    pooled = load(data_config)
+    if len(pooled.train) == 0:
+        raise DataError(f"a simulation partitions data.path among its sites; data.dataset = "
+                        f"{data_config.dataset.value!r} without data.path has no examples")
+    return pooled
 
 
 @functools.lru_cache(maxsize=2)

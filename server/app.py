@@ -24,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from server.checkpoint import Checkpoint, CheckpointError, CheckpointStore, CheckpointWriter
+from server.handback import send_results
 from server.loop import LoopSettings, run_rounds
 from server.reporting import RoundReport, RunRecorder
 from server.robust import aggregation_strategy
@@ -99,6 +100,10 @@ def loop_settings(config: RunConfig, start_round: int) -> LoopSettings:
     )
 
 
+#: Run-config keys a resumed run may change: they do not affect the model.
+_NOT_COMPARED = ("output.resume", "output.return_max_bytes")
+
+
 def _resume(config: RunConfig, store: CheckpointStore, recorder: RunRecorder) -> Checkpoint:
     """The last good checkpoint of the run in ``output.dir``, with the metrics file and
     RNG states put back as they were after that round.
@@ -110,7 +115,7 @@ def _resume(config: RunConfig, store: CheckpointStore, recorder: RunRecorder) ->
     if checkpoint is None:
         raise CheckpointError(f"output.resume: no checkpoint in {store.directory}")
     changed = sorted(k for k, v in config.to_flat().items()
-                     if k != "output.resume" and checkpoint.run_config.get(k) != v)
+                     if k not in _NOT_COMPARED and checkpoint.run_config.get(k) != v)
     if changed:
         raise CheckpointError(f"output.resume: the run config differs from the checkpoint's "
                               f"in {', '.join(changed)}")
@@ -179,6 +184,7 @@ def main(grid: Grid, context: Context) -> None:
             "config": config.to_flat(),
         }
     )
+    send_results(recorder.out_dir, config.output.return_max_bytes)  # to the submitter's log
 
 
 #: Attributes that hold a strategy's own state across rounds (Flower's FedOpt family:

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
-from shared.models import model_names
+from shared.models import InputSpec, model_names
 from shared.secagg.params import SecAggParams, max_weight_limit
 
 
@@ -96,7 +96,15 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which data and how a simulation partitions it."""
+    """Which data and how a simulation partitions it.
+
+    ``input_shape`` and ``num_classes`` declare the model's input when no party reads it
+    off a file: one example's shape as comma-separated sizes (``"40"``, ``"1,28,28"``; a
+    Flower run config holds scalars only) and the class count. Empty and 0: the shape is
+    fixed by a built-in data set or read off ``path``. With ``dataset`` = npz/csv a
+    deployed server needs either ``path`` (a file it holds) or both keys; every site
+    checks its own file against the declared spec.
+    """
 
     dataset: Dataset = Dataset.MNIST1D
     samples: int = 5000
@@ -106,6 +114,8 @@ class DataConfig:
     path: str = ""
     label_column: str = "label"
     val_fraction: float = 0.1
+    input_shape: str = ""
+    num_classes: int = 0
 
     def validate(self) -> None:
         _positive("data.samples", self.samples)
@@ -114,8 +124,34 @@ class DataConfig:
         _positive("data.shards_per_client", self.shards_per_client)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.dataset in (Dataset.NPZ, Dataset.CSV) and not self.path:
-            raise ConfigError(f"data.path is required for data.dataset = {self.dataset.value!r}")
+        declared = self.input_spec()  # checks both keys
+        if self.dataset in (Dataset.NPZ, Dataset.CSV) and not self.path and declared is None:
+            raise ConfigError(
+                f"data.path is required for data.dataset = {self.dataset.value!r} unless the "
+                "run declares the sites' data spec (data.input_shape and data.num_classes)"
+            )
+
+    def input_spec(self) -> InputSpec | None:
+        """The declared input spec (``None`` if the run declares none).
+
+        Raises:
+            ConfigError: a malformed shape, fewer than 2 classes, or one key without the other.
+        """
+        if not self.input_shape.strip() and self.num_classes == 0:
+            return None
+        if not self.input_shape.strip():
+            raise ConfigError(f"data.num_classes = {self.num_classes} needs data.input_shape "
+                              "too (one example's shape, e.g. '40' or '1,28,28')")
+        parts = [p.strip() for p in self.input_shape.split(",")]
+        if not all(p.isdigit() and int(p) > 0 for p in parts) or len(parts) > 4:
+            raise ConfigError(
+                "data.input_shape must be 1 to 4 positive sizes separated by commas "
+                f"(e.g. '40' or '1,28,28'), got {self.input_shape!r}"
+            )
+        if self.num_classes < 2:
+            raise ConfigError(f"data.num_classes must be >= 2 with data.input_shape set, "
+                              f"got {self.num_classes}")
+        return InputSpec(tuple(int(p) for p in parts), self.num_classes)
 
 
 @dataclass(frozen=True)
@@ -348,6 +384,11 @@ class RobustConfig:
                 raise ConfigError(f"{key} must be >= 0 (0: off), got {value}")
 
 
+#: Cap of ``output.return_max_bytes``: Flower gives a ServerApp's log a few seconds to
+#: drain when the run ends (64 MiB arrived in 6 s on one host; 128 MiB lost its tail).
+MAX_RETURN_BYTES = 64 * 2**20
+
+
 @dataclass(frozen=True)
 class OutputConfig:
     """Where the server writes metrics, plots, checkpoints and the final model.
@@ -360,9 +401,15 @@ class OutputConfig:
     dir: str = ""
     checkpoint_keep: int = 3
     resume: bool = False
+    #: Most bytes of the run's files the ServerApp writes back into its log for the
+    #: submitter (``privfed run`` sets it; see server/handback.py); 0: none.
+    return_max_bytes: int = 0
 
     def validate(self) -> None:
         _positive("output.checkpoint_keep", self.checkpoint_keep)
+        if not 0 <= self.return_max_bytes <= MAX_RETURN_BYTES:
+            raise ConfigError(f"output.return_max_bytes must be in [0, {MAX_RETURN_BYTES}] "
+                              f"(0: keep the files on the server), got {self.return_max_bytes}")
         if self.resume and not self.dir:
             raise ConfigError("output.resume needs output.dir (the run folder to resume)")
 

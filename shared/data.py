@@ -182,14 +182,62 @@ def _split(data: ArrayDataset, test_fraction: float, seed: int) -> SplitDataset:
 def load(config: DataConfig) -> SplitDataset:
     """The pooled data set a run config names (cached per process where generated).
 
+    With ``data.input_shape``/``data.num_classes`` declared, that is the spec: a file in
+    ``data.path`` must fit it, a built-in data set must have it, and without ``data.path``
+    (npz/csv) the split is empty: the server holds no examples, only the spec.
+
     Raises:
-        DataError: a site file cannot be read (see :func:`load_site_file`).
+        DataError: a site file cannot be read (see :func:`load_site_file`), or the data
+            does not fit the declared spec.
     """
+    declared = config.input_spec()
     if config.dataset is Dataset.MNIST1D:
-        return load_mnist1d(config.samples)
-    if config.dataset is Dataset.DIGITS:
-        return load_digits()
-    return site_file_split(config.path, config.label_column)
+        data = load_mnist1d(config.samples)
+    elif config.dataset is Dataset.DIGITS:
+        data = load_digits()
+    elif config.path:
+        data = site_file_split(config.path, config.label_column,
+                               num_classes=declared.num_classes if declared else 0)
+    elif declared is None:
+        raise DataError(f"data.dataset = {config.dataset.value!r} needs data.path or "
+                        "data.input_shape and data.num_classes")
+    else:  # the sites hold the examples; the server only needs their spec
+        empty = ArrayDataset(np.zeros((0, *declared.shape), np.float32), np.zeros(0, np.int64))
+        return SplitDataset(empty, empty, declared)
+    if declared is None:
+        return data
+    if config.dataset in (Dataset.MNIST1D, Dataset.DIGITS) and data.spec != declared:
+        raise DataError(
+            f"data.input_shape/data.num_classes declare {_spec_text(declared)}, but "
+            f"{config.dataset.value} is {_spec_text(data.spec)}; leave them unset for it"
+        )
+    for part in (data.train, data.test):
+        check_against_spec(part, declared, f"data file {config.path}")
+    return SplitDataset(data.train, data.test, declared)
+
+
+def _spec_text(spec: InputSpec) -> str:
+    return f"shape '{','.join(map(str, spec.shape))}' with {spec.num_classes} classes"
+
+
+def check_against_spec(data: ArrayDataset, spec: InputSpec, source: str) -> None:
+    """Refuse ``data`` unless every example has ``spec.shape`` and every label is in
+    ``0..spec.num_classes - 1``.
+
+    Raises:
+        DataError: naming ``source``, what it holds and the run-config key it disagrees with.
+    """
+    shape = tuple(data.x.shape[1:])
+    if shape != spec.shape:
+        raise DataError(
+            f"{source}: examples have shape '{','.join(map(str, shape))}', but the run "
+            f"declares data.input_shape = '{','.join(map(str, spec.shape))}'"
+        )
+    if len(data) and int(data.y.max()) >= spec.num_classes:
+        raise DataError(
+            f"{source}: label {int(data.y.max())} is outside 0..{spec.num_classes - 1} "
+            f"(data.num_classes = {spec.num_classes})"
+        )
 
 
 def holdout(data: ArrayDataset, fraction: float, *, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
