@@ -22,6 +22,10 @@ Flower 1.41 crashes on an even num_shares < N). Each arm runs in its own process
   10 and ``--clients`` sites; round time is the median over rounds 2..R-1.
   ``privfed_vs_plain_separate`` is privfed's ratio measured that way.
 
+Load-independent: ``client_cpu_ms_per_call``, the thread CPU time of one site call (plain
+train; privfed collect and unmask), and ``client_cpu_privfed_vs_plain`` = (collect + unmask)
+/ plain, the ratio a CPU-bound backend cannot beat.
+
 In process, 1 thread: client encode (clip, quantize, weight, k + 1 masks) and server
 unmask + decode per 1M parameters for both implementations, and the unmask stage alone for
 100 clients at t = 26 (k + 1 = 39 share holders).
@@ -164,6 +168,48 @@ def stock_micro(n: int, k: int, t: int, unmask_clients: int | None = None) -> di
     return out
 
 
+def client_cpu_ms(n: int, k: int, t: int, rounds: int = 5) -> dict[str, float]:
+    """Thread CPU time of one site call (ms, median), load-independent: a plain train call,
+    privfed's collect call (train + encode + k + 1 masks) and unmask call (unmask + next
+    round's share keys), run inline (``--workers 0``: messages copied as the pool's pipe
+    copies them) on the in-process grid; rounds 3..``rounds`` (steady state)."""
+    from benchmarks._secagg_arms import RUN_CONFIG, _strategies, make_net
+    from flwr.app import ArrayRecord
+    from server.loop import LoopSettings, run_rounds
+    from shared.training import EvalResult
+    from simulations.inprocess import InProcessGrid, VirtualSites
+    from simulations.runner import new_run
+    from shared.secagg.transport import is_stage_record
+    from simulations.workers import make_executor
+
+    executor = make_executor(0, "benchmarks._secagg_arms:privfed_client")
+    calls: dict[str, list[float]] = {"plain": [], "collect": [], "unmask": []}
+    submit, steady = executor.submit, [False]
+
+    def timed_submit(task_id, message, context):
+        start = time.thread_time()
+        submit(task_id, message, context)
+        if steady[0]:
+            secure = any(is_stage_record(name) for name in message.content.config_records)
+            kind = "plain" if not secure else "collect" if "arrays" in message.content else "unmask"
+            calls[kind].append(time.thread_time() - start)
+
+    executor.submit = timed_submit
+    run = new_run(RUN_CONFIG)
+    grid = InProcessGrid(VirtualSites(n, run.run_id, RUN_CONFIG), executor)
+    grid.set_run(run)
+    plain, secure = _strategies(n, rounds, k, t, 0.0)
+    secure.total_rounds = rounds
+    arrays = ArrayRecord(make_net().state_dict())
+    for rnd in range(1, rounds + 1):
+        steady[0] = rnd >= 3
+        for strategy in (plain, secure):
+            run_rounds(strategy, grid, arrays, LoopSettings(rounds=rnd, start_round=rnd),
+                       lambda a: EvalResult(0.0, 0.0, 0), lambda report, a: None)  # fmt: skip
+    executor.close()
+    return {kind: round(1e3 * statistics.median(v), 2) for kind, v in calls.items()}
+
+
 def run_arm(arm: str, backend: str, n: int, rounds: int, k: int, t: int, poll: float) -> dict:
     cmd = [sys.executable, "-m", "benchmarks._secagg_arms", arm, backend, str(n), str(rounds),
            str(k), str(t), str(poll)]  # fmt: skip
@@ -223,6 +269,7 @@ def main() -> None:
         raise RuntimeError(f"Ray arms pulled replies every {pulls} s, expected {args.poll}")
     plain, stock, ours = (arms[(a, n)]["median_round_s"] for a in ("plain", "stock", "privfed"))
     mine, theirs = privfed_micro(n, k, t), stock_micro(n, k, t, unmask_clients=100)
+    cpu = client_cpu_ms(n, k, t)
     ray, inproc = paired_ratio(paired["ray"]), paired_ratio(paired["inprocess"])
     trips = paired["ray"]["round_trips"]
     figures.update({
@@ -236,6 +283,8 @@ def main() -> None:
         "plain_round_s": plain, "stock_round_s": stock, "privfed_round_s": ours,
         "privfed_vs_plain_separate": round(ours / plain, 2),
         "stock_vs_plain": round(stock / plain, 2),
+        "client_cpu_ms_per_call": cpu,
+        "client_cpu_privfed_vs_plain": round((cpu["collect"] + cpu["unmask"]) / cpu["plain"], 2),
         "round_trips_per_round": statistics.median(trips[1:]),
         "round_trips_round1": trips[0],
         "stock_round_trips_per_round": 4,

@@ -24,10 +24,13 @@ Guarantees:
 
 from __future__ import annotations
 
+import io
 import logging
+import math
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.constant import SType
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.faults import SimulatedDropout, dropout_stage
@@ -93,6 +96,28 @@ def _bounded(update: np.ndarray, norm_bound: float) -> np.ndarray:
     return update if norm <= norm_bound else (update * (norm_bound / norm)).astype(update.dtype)
 
 
+def _array_view(array: Array) -> np.ndarray:
+    """A read-only view of a Flower ``Array``'s values, without the copy ``Array.numpy()``
+    makes (~0.7 ms per 4 MB array); equal to ``array.numpy()`` for every array (anything but
+    a plain C-order numeric ``.npy`` payload takes ``numpy()``)."""
+    if array.stype != SType.NUMPY:
+        return array.numpy()
+    header = io.BytesIO(array.data[:4096])
+    try:
+        version = np.lib.format.read_magic(header)
+        read = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}.get(version)  # fmt: skip
+        if read is None:
+            return array.numpy()
+        shape, fortran, dtype = read(header)
+    except ValueError:
+        return array.numpy()
+    if fortran or dtype.hasobject:
+        return array.numpy()
+    count = math.prod(shape)
+    return np.frombuffer(array.data, dtype=dtype, count=count, offset=header.tell()).reshape(shape)
+
+
 def _encoded_input(
     msg: Message, reply: Message, session: SecAggClient, norm_bound: float = 0.0
 ) -> np.ndarray:
@@ -102,8 +127,8 @@ def _encoded_input(
     new_arrays = next(iter(reply.content.array_records.values()))
     if list(new_arrays) != list(global_arrays):
         raise ValueError(f"trained model keys {list(new_arrays)} != {list(global_arrays)}")
-    update = flat_update([new_arrays[k].numpy() for k in global_arrays],
-                         [global_arrays[k].numpy() for k in global_arrays])  # fmt: skip
+    update = flat_update([_array_view(new_arrays[k]) for k in global_arrays],
+                         [_array_view(global_arrays[k]) for k in global_arrays])  # fmt: skip
     update = _bounded(update, norm_bound)
     metrics = next(iter(reply.content.metric_records.values()))
     missing = [k for k in (NUM_EXAMPLES, *SECURE_METRICS) if k not in metrics]

@@ -279,3 +279,17 @@ def test_sessions_do_not_pile_up_in_site_state(monkeypatch):
     for context in grid.contexts.values():
         kept = [k for k in context.state.config_records if k.startswith(LOCAL_STATE_RECORD)]
         assert kept == []  # the last round finished; nothing of it is kept
+
+
+@pytest.mark.parametrize(
+    "values",
+    [np.arange(12, dtype=np.float32).reshape(3, 4), np.array(3.5), np.zeros((0, 5), np.float32),
+     np.asfortranarray(np.arange(6.0).reshape(2, 3)), np.arange(5, dtype=">i4"),
+     np.arange(7, dtype=np.int64), np.arange(10**6 + 3, dtype=np.float32)],
+    ids=["f32-2d", "0-d", "empty", "fortran", "big-endian", "int64", "1M+3"],
+)  # fmt: skip
+def test_array_view_equals_flower_numpy(values):
+    array = Array(values)
+    view, ref = mod._array_view(array), array.numpy()
+    assert view.dtype == ref.dtype and view.shape == ref.shape
+    assert np.array_equal(view, ref)
