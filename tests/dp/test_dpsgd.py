@@ -165,3 +165,31 @@ def test_bad_arguments_are_refused_with_named_errors():
         make_private_round(model, opt, _data(), batch_size=8,
                            criterion=nn.CrossEntropyLoss(reduction="sum"), **kw)
     assert _hook_count(model) == 0
+
+
+@pytest.mark.parametrize("mode", [ClippingMode.PRIVFED, ClippingMode.GHOST])
+def test_zero_grad_clears_to_none_by_default_and_either_way_gives_the_same_step(mode):
+    """``zero_grad()`` sets grads to None (torch's default); ``set_to_none=False`` zeroes
+    them; the next step's noisy grads are the same either way (noise from the same seed)."""
+    models = [get_model("cnn1d") for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    x, y = _data()[:16]
+    grads = []
+    for model, to_none in zip(models, (True, False), strict=True):
+        rnd = make_private_round(
+            model, torch.optim.SGD(model.parameters(), lr=0.5), _data(), batch_size=16,
+            noise_multiplier=1.0, max_grad_norm=0.3, mode=mode,
+            noise_fn=torch_noise_fn(torch.Generator().manual_seed(3)))
+        for _ in range(2):  # the second step starts from the first step's noisy grads
+            if to_none:
+                rnd.optimizer.zero_grad()
+                assert all(p.grad is None for p in model.parameters())
+            else:
+                rnd.optimizer.zero_grad(set_to_none=False)
+                assert all(not p.grad.any() for p in model.parameters() if p.grad is not None)
+            rnd.criterion(rnd.model(x), y).backward()
+            rnd.optimizer.step()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        rnd.finish()
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
