@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import re
 import secrets
@@ -182,6 +183,7 @@ def client_cpu_ms(n: int, k: int, t: int, rounds: int = 5) -> dict[str, float]:
     from shared.secagg.transport import is_stage_record
     from simulations.workers import make_executor
 
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # the JSON stays the last line
     executor = make_executor(0, "benchmarks._secagg_arms:privfed_client")
     calls: dict[str, list[float]] = {"plain": [], "collect": [], "unmask": []}
     submit, steady = executor.submit, [False]
