@@ -12,7 +12,9 @@ one of two ways; :func:`use_im2col` picks one by shape (a cost model measured on
   chunks of samples so the column buffer stays in cache.
 
 Both give ``sum_p g[i, o, p] * x_pad[i, c, p * stride + k * dilation]`` exactly (up to
-float rounding order). With a :class:`~kernels.per_sample.workspace.Workspace`, the padded
+float rounding order), and the per-sample bias gradients ``sum_p g[i, o, p]`` from the same
+kernel (oneDNN's bias gradient; a row of ones under the im2col columns), not from another
+pass over ``g``. With a :class:`~kernels.per_sample.workspace.Workspace`, the padded
 input, columns, re-laid-out inputs and (im2col) results live in reused buffers.
 """
 
@@ -56,8 +58,8 @@ def conv_per_sample_grads(
         stride, padding, dilation: per spatial dimension (symmetric zero padding).
         groups: convolution groups.
         bias: also return the bias gradients ``g`` summed over positions.
-        workspace: scratch buffers reused across calls; the weight gradients may then be
-            a view into it, valid until the next call with the same workspace.
+        workspace: scratch buffers reused across calls; the weight and bias gradients may
+            then be views into it, valid until the next call with the same workspace.
 
     Returns:
         ``(B, *weight_shape)`` and ``(B, C_out)`` (or ``None``); empty for ``B = 0``.
