@@ -233,7 +233,7 @@ def test_evaluate_every_k_rounds_and_always_the_last(tmp_path):
     result = privfed("simulate", str(SMOKE), "--out", str(out), "--set", "federation.rounds=5",
                      "--set", "data.samples=500", "--set", "federation.evaluate_every=2")
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = _rows(out)
     evaluated = [r["round"] for r in rows if r["accuracy"] is not None]
     assert evaluated == [2, 4, 5]
     assert all(r["clients_trained"] == 3 for r in rows)  # every round still trains
