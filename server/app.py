@@ -147,13 +147,15 @@ def main(grid: Grid, context: Context) -> None:
 
     def on_round(report: RoundReport, arrays: ArrayRecord) -> None:
         python_rng, torch_rng = Checkpoint.capture_rng()
-        writer.submit(Checkpoint(round=report.round, model=dict(from_record(arrays)),
-                              run_config=config.to_flat(),
-                              rounds=[asdict(r) for r in [*recorder.rounds, report]],
-                              site_epsilon=report.epsilon, python_rng=python_rng,
-                              strategy_state=strategy_state(strategy),
-                              torch_rng=torch_rng))
-        recorder.record_round(report)
+        checkpoint = Checkpoint(round=report.round, model=dict(from_record(arrays)),
+                                run_config=config.to_flat(),
+                                rounds=[asdict(r) for r in [*recorder.rounds, report]],
+                                site_epsilon=report.epsilon, python_rng=python_rng,
+                                strategy_state=strategy_state(strategy), torch_rng=torch_rng)
+        recorder.rounds.append(report)
+        # Both files are written (fsynced) while the next round trains; a resume rebuilds
+        # metrics.jsonl from the checkpoint, so its line goes after it.
+        writer.submit(checkpoint, then=lambda: recorder.write_round(report))
 
     strategy = build_strategy(config)
     settings = loop_settings(config, start_round=resumed.round + 1 if resumed else 1)

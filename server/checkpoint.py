@@ -19,6 +19,7 @@ import io
 import logging
 import random
 import re
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,10 +161,18 @@ class CheckpointWriter:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="privfed-checkpoint")
         self._pending: Future[Path] | None = None
 
-    def submit(self, checkpoint: Checkpoint) -> None:
-        """Start writing ``checkpoint`` once the previous write has finished."""
+    def submit(self, checkpoint: Checkpoint, then: Callable[[], object] | None = None) -> None:
+        """Start writing ``checkpoint`` once the previous write has finished; ``then`` runs
+        on the same thread right after it (e.g. the round's line in ``metrics.jsonl``)."""
         self.wait()
-        self._pending = self._pool.submit(self.store.save, checkpoint)
+
+        def job() -> Path:
+            path = self.store.save(checkpoint)
+            if then is not None:
+                then()
+            return path
+
+        self._pending = self._pool.submit(job)
 
     def wait(self) -> Path | None:
         """Wait for the write in flight; its path (None if there was none).

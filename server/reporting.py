@@ -76,8 +76,13 @@ class RunRecorder:
         atomic_write_text(self.out_dir / METRICS_FILE, text)
 
     def record_round(self, report: RoundReport) -> None:
-        """Append the round to ``metrics.jsonl`` durably."""
+        """Keep the round and append it to ``metrics.jsonl`` durably."""
         self.rounds.append(report)
+        self.write_round(report)
+
+    def write_round(self, report: RoundReport) -> None:
+        """Append ``report`` to ``metrics.jsonl`` durably (the file only; see
+        :meth:`record_round`)."""
         append_line_durably(self.out_dir / METRICS_FILE, json.dumps(_clean(asdict(report))))
 
     def save_model(self, state_dict: dict[str, torch.Tensor]) -> Path:

@@ -127,9 +127,13 @@ def test_background_writer_keeps_order_and_surfaces_a_failed_write(tmp_path):
 
     store = CheckpointStore(tmp_path / "run", keep=2)
     writer = CheckpointWriter(store)
+    after: list[tuple[int, list[str]]] = []  # what `then` saw on disk when it ran
     for rnd in (1, 2, 3):
-        writer.submit(make(rnd))
+        writer.submit(make(rnd), then=lambda r=rnd: after.append(
+            (r, [p.name for p in store.files()])))
     writer.close()  # waits for the last write
+    assert [r for r, _ in after] == [1, 2, 3]
+    assert all(f"round-{r:06d}.ckpt" in names for r, names in after)  # each after its save
     assert [p.name for p in store.files()] == ["round-000002.ckpt", "round-000003.ckpt"]
     assert store.latest().round == 3
 
