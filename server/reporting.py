@@ -75,14 +75,8 @@ class RunRecorder:
         text = "".join(json.dumps(_clean(row)) + "\n" for row in rows)
         atomic_write_text(self.out_dir / METRICS_FILE, text)
 
-    def record_round(self, report: RoundReport) -> None:
-        """Keep the round and append it to ``metrics.jsonl`` durably."""
-        self.rounds.append(report)
-        self.write_round(report)
-
     def write_round(self, report: RoundReport) -> None:
-        """Append ``report`` to ``metrics.jsonl`` durably (the file only; see
-        :meth:`record_round`)."""
+        """Append ``report`` to ``metrics.jsonl`` durably (the caller keeps ``rounds``)."""
         append_line_durably(self.out_dir / METRICS_FILE, json.dumps(_clean(asdict(report))))
 
     def save_model(self, state_dict: dict[str, torch.Tensor]) -> Path:

@@ -74,24 +74,41 @@ def numpy_to_array(value: np.ndarray) -> Array:
     return Array(dtype=dtype, shape=shape, stype=_NUMPY_STYPE, data=header + value.tobytes())
 
 
+def _plain_view(array: Array) -> np.ndarray | None:
+    """A read-only view of ``array``'s bytes when they start with exactly the header
+    ``numpy.save`` writes for its declared dtype and shape and hold nothing else; None
+    otherwise."""
+    if array.stype != _NUMPY_STYPE:
+        return None
+    try:
+        header = _npy_header(array.dtype, tuple(array.shape))
+    except (TypeError, ValueError):  # an unknown dtype string: numpy.load says why
+        return None
+    data = array.data
+    if header is None or not data.startswith(header):
+        return None
+    dtype = np.dtype(array.dtype)
+    count = int(np.prod(array.shape, dtype=np.int64))
+    if len(data) != len(header) + count * dtype.itemsize:
+        return None
+    return np.frombuffer(data, dtype=dtype, count=count, offset=len(header)).reshape(array.shape)
+
+
+def array_view(array: Array) -> np.ndarray:
+    """``array.numpy()``'s values without a copy: a read-only view of the message's bytes
+    where they are plain ``numpy.save`` output (see :func:`array_to_numpy`), else
+    ``array.numpy()``."""
+    view = _plain_view(array)
+    return view if view is not None else array.numpy()
+
+
 def array_to_numpy(array: Array) -> np.ndarray:
     """``array.numpy()`` (a fresh, writable array), without ``numpy.load``'s header parse
     when the bytes start with exactly the header ``numpy.save`` writes for the array's
     declared dtype and shape; anything else takes ``numpy.load``'s checks.
     """
-    if array.stype == _NUMPY_STYPE:
-        try:
-            header = _npy_header(array.dtype, tuple(array.shape))
-        except (TypeError, ValueError):  # an unknown dtype string: numpy.load says why
-            header = None
-        data = array.data
-        if header is not None and data.startswith(header):
-            dtype = np.dtype(array.dtype)
-            count = int(np.prod(array.shape, dtype=np.int64))
-            if len(data) == len(header) + count * dtype.itemsize:
-                flat = np.frombuffer(data, dtype=dtype, count=count, offset=len(header))
-                return flat.reshape(array.shape).copy()
-    return array.numpy()
+    view = _plain_view(array)
+    return view.copy() if view is not None else array.numpy()
 
 
 def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:

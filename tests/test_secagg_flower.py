@@ -23,7 +23,7 @@ from server.secagg import SecAggIncompatibleStrategy, SecAggPlus
 from shared.config import ConfigError, DropoutStage, RunConfig, SecAggConfig
 from shared.secagg.contract import LOCAL_STATE_RECORD
 from shared.training import EvalResult
-from shared.wire import NUM_EXAMPLES, PARTITION_ID
+from shared.wire import NUM_EXAMPLES, PARTITION_ID, array_view
 from tests.fake_grid import FakeGrid
 
 N = 5  # k = 4 (everyone), t = 3: up to N - t = 2 dropouts are tolerated
@@ -290,6 +290,6 @@ def test_sessions_do_not_pile_up_in_site_state(monkeypatch):
 )  # fmt: skip
 def test_array_view_equals_flower_numpy(values):
     array = Array(values)
-    view, ref = mod._array_view(array), array.numpy()
+    view, ref = array_view(array), array.numpy()
     assert view.dtype == ref.dtype and view.shape == ref.shape
     assert np.array_equal(view, ref)
