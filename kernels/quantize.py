@@ -47,17 +47,13 @@ MAX_BITS = 24
 DITHER_BITS = 16
 _DITHER_SCALE = float(1 << DITHER_BITS)
 _MIN_CLIP, _MAX_CLIP = 2.0**-64, 2.0**64
-_FLOAT32_INF_BITS = 0x7F800000
-# Elements per CPU chunk. Larger than kernels._ring.CPU_CHUNK: quantize makes ~8 numpy calls
-# per chunk, and at 128 Ki elements their fixed cost outweighs spilling from L2 to L3
-# (measured on the 2-core dev machine: ~15-40% faster than 64 Ki).
+# Elements per CPU chunk: the dither of one chunk (256 KiB at 128 Ki elements) is drawn into a
+# buffer that stays in L2 while the fused loop reads it. 64 Ki to 256 Ki measured within
+# noise of each other on the 2-core dev machine; 32 Ki was slower (per-call costs).
 QUANTIZE_CHUNK = 1 << 17  # must be even: a chunk boundary must not split a dither word
 # Dither elements per ChaCha20 block (64 bytes, 2 per element): a thread that starts at a
 # multiple of this starts its own keystream reader at a block counter.
 ELEMENTS_PER_BLOCK = 2 * WORDS_PER_BLOCK
-# torch runs an elementwise op of more than this many elements on its intra-op threads
-# (at::internal::GRAIN_SIZE); with several quantize threads the cores are already taken.
-_TORCH_GRAIN = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -145,10 +141,10 @@ def quantize(
         key: dither key (use ``MaskPurpose.QUANTIZE_DITHER``, fresh per round and site).
         out: optional ``torch.int32`` tensor of ``x``'s shape and device to write into.
         threads: CPU threads to split ``x`` over, each taking at least two chunks (a
-            performance knob: the bits do not depend on it; unused on CUDA). They overlap
-            in numpy's and torch's loops; OpenSSL's keystream holds the GIL. On the shared
-            2-core dev machine 2 threads were not faster (the other core was busy): use it
-            where a core is idle, and measure (``python -m benchmarks.kernels``).
+            performance knob: the bits do not depend on it; unused on CUDA). Their compiled
+            loops run side by side; OpenSSL's keystream calls hold the GIL and take turns.
+            On the shared 2-core dev machine 2 threads were not faster (the other core was
+            busy): use it where a core is idle, and measure (``python -m benchmarks.kernels``).
 
     Returns:
         ``torch.int32`` ring tensor shaped like ``x`` (``out`` if given). Same bits on every
@@ -210,7 +206,7 @@ def _quantize_cpu(
     starts = _split(x.size, threads)
     try:
         if len(starts) == 2:
-            _quantize_range(x, out, g, key, first_block=0, shared_cores=False)
+            _quantize_range(x, out, g, key, first_block=0)
         else:
             _in_threads(x, out, g, key, starts)
     except _NaNFound:
@@ -227,12 +223,12 @@ def _split(n: int, threads: int) -> list[int]:
 def _in_threads(x: np.ndarray, out: np.ndarray, g: QuantizationGrid, key: MaskKey,
                 starts: list[int]) -> None:
     """Part 0 on this thread, the others on helper threads, each with its own keystream
-    reader from block ``start / 32``; a helper's error is re-raised here."""
+    reader from block ``start / 32``; a helper's error is re-raised here. The compiled loops
+    release the GIL; only OpenSSL's keystream calls take turns."""
     errors: list[BaseException] = []
 
     def run(a: int, b: int) -> None:
-        _quantize_range(x[a:b], out[a:b], g, key, first_block=a // ELEMENTS_PER_BLOCK,
-                        shared_cores=torch.get_num_threads() > 1)
+        _quantize_range(x[a:b], out[a:b], g, key, first_block=a // ELEMENTS_PER_BLOCK)
 
     def helper(a: int, b: int) -> None:
         try:
@@ -254,76 +250,26 @@ def _in_threads(x: np.ndarray, out: np.ndarray, g: QuantizationGrid, key: MaskKe
 
 
 def _quantize_range(
-    x: np.ndarray, out: np.ndarray, g: QuantizationGrid, key: MaskKey, *, first_block: int,
-    shared_cores: bool,
+    x: np.ndarray, out: np.ndarray, g: QuantizationGrid, key: MaskKey, *, first_block: int
 ) -> None:
     """One thread over ``x``, which starts at element ``32 * first_block`` of the input: per
-    chunk, draw the dither, scale, round; buffers stay in cache."""
+    chunk, draw the dither into a cache-resident buffer, then one fused pass scales, rounds
+    and writes (``kernels._cpu_loops``, compiled on first use)."""
+    from kernels import _cpu_loops
+
     reader = KeystreamReader(key.key, key.nonce, first_block)
     size = min(x.size, QUANTIZE_CHUNK)
     words = np.empty((size + 1) // 2, dtype=np.uint32)
-    scratch = _Scratch(size, narrow=g.bits <= DITHER_BITS, shared_cores=shared_cores)
+    narrow = g.bits <= DITHER_BITS
     # Narrow widths scale straight to y * 2**16 (a power-of-two factor: the same bits).
-    scale = g.scale * _DITHER_SCALE if scratch.narrow else g.scale
+    scale = g.scale * _DITHER_SCALE if narrow else g.scale
+    target = out.view(np.uint32) if narrow else out
+    loop = _cpu_loops.round_narrow if narrow else _cpu_loops.round_wide
     for part in chunks(x.size, size or 1):
         m = part.stop - part.start
         reader.read_into(words[: (m + 1) // 2])
-        dither = words.view(np.uint16)[:m]
-        _scale_chunk(x[part], scratch.y[:m], g.clip, scale)
-        if scratch.narrow:
-            _round_narrow(scratch, m, dither, out[part].view(np.uint32))
-        else:
-            _round_wide(scratch, m, dither, out[part])
-
-
-class _Scratch:
-    """Cache-resident buffers of one chunk; torch views share numpy's memory."""
-
-    def __init__(self, size: int, *, narrow: bool, shared_cores: bool) -> None:
-        self.narrow = narrow
-        # Copy in pieces too small for torch's intra-op threads when our threads hold the
-        # cores (else each of them would start an OpenMP team).
-        self.convert_step = min(size, _TORCH_GRAIN) if shared_cores else max(size, 1)
-        self.y = np.empty(size, dtype=np.float32)
-        self.fixed = np.empty(size, dtype=np.uint32 if narrow else np.int32)
-        self.whole = np.empty(0 if narrow else size, dtype=np.float32)
-        self.y_t, self.fixed_t = torch.from_numpy(self.y), torch.from_numpy(self.fixed)
-
-
-def _scale_chunk(x: np.ndarray, y: np.ndarray, clip: float, scale: float) -> None:
-    """y = fl32(fl32(clip(x) + c) * scale); refuses NaN (found by one in-cache max)."""
-    c = np.float32(clip)
-    np.clip(x, -c, c, out=y)
-    np.add(y, c, out=y)
-    np.multiply(y, np.float32(scale), out=y)
-    # y is +0 or a positive finite float unless x held NaN (clip and add keep NaN): as uint32
-    # its bits are then <= 0x7F7FFFFF, and any NaN, of either sign, is > 0x7F800000. An
-    # integer max is cheaper than a NaN-propagating float max (0.30 vs 0.46 ms per 10**7).
-    if int(np.maximum.reduce(y.view(np.uint32))) > _FLOAT32_INF_BITS:
-        raise _NaNFound
-
-
-def _round_narrow(scratch: _Scratch, m: int, dither: np.ndarray, out_u32: np.ndarray) -> None:
-    """bits <= 16: y holds y * 2**16 < 2**32; out = (floor(y * 2**16) + dither) >> 16."""
-    fixed = scratch.fixed[:m]
-    step = scratch.convert_step
-    for a in range(0, m, step):  # float32 -> uint32, truncating (y >= 0)
-        scratch.fixed_t[a : a + step].copy_(scratch.y_t[a : a + step])
-    np.add(fixed, dither, out=fixed)  # < (2**16 - 1) * 2**16 + 2**16 = 2**32: no wrap
-    np.right_shift(fixed, DITHER_BITS, out=out_u32)
-
-
-def _round_wide(scratch: _Scratch, m: int, dither: np.ndarray, out: np.ndarray) -> None:
-    """bits > 16: split y = floor(y) + frac (exact), round the fraction with the dither."""
-    y, whole, fixed = scratch.y[:m], scratch.whole[:m], scratch.fixed[:m]
-    np.floor(y, out=whole)
-    np.subtract(y, whole, out=y)
-    np.multiply(y, np.float32(_DITHER_SCALE), out=y)
-    np.copyto(fixed, y, casting="unsafe")
-    np.add(fixed, dither, out=fixed)
-    np.right_shift(fixed, DITHER_BITS, out=fixed)
-    np.copyto(out, whole, casting="unsafe")
-    np.add(out, fixed, out=out)
+        if loop(x[part], words.view(np.uint16)[:m], target[part], g.clip, scale):
+            raise _NaNFound
 
 
 def reference_quantize(
