@@ -22,15 +22,16 @@ it), the context kept only when the call succeeds. Guarantees:
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import importlib
 import logging
 import multiprocessing as mp
 import os
 import pickle
+import queue
 import random
 import zlib
-from collections import deque
 from collections.abc import Callable
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -174,8 +175,26 @@ class InlineSites:
         self._done.clear()
 
 
-def _serve(conn: Connection, app_ref: str, log_level: int, preload: WarmUp | None) -> None:
-    """A worker: import the ClientApp once, then answer calls until told to stop."""
+#: A worker's ``running`` slot when it runs no call.
+_IDLE = -1
+
+#: Bytes of pipe buffer asked for per worker reply pipe (Linux: up to
+#: /proc/sys/fs/pipe-max-size, 1 MiB by default): a few model-sized replies fit, so a
+#: worker rarely waits for the parent to read before it takes its next call.
+_PIPE_BUFFER = 1 << 20
+
+
+def _widen(fd: int) -> None:
+    """Ask for a :data:`_PIPE_BUFFER`-byte pipe (best effort; Linux only)."""
+    with suppress(OSError, AttributeError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_BUFFER)
+
+
+def _serve(tasks: Any, conn: Connection, running: Any, app_ref: str, log_level: int,
+           preload: WarmUp | None) -> None:  # fmt: skip
+    """A worker: import the ClientApp once, then take calls (pickled ``(sequence number,
+    message, context)``) off the shared queue and answer them until it takes a None. ``running`` names the call in progress (for the
+    parent, should this process die in it)."""
     logging.getLogger("flwr").setLevel(log_level)
     torch.set_num_threads(1)
     threadpool_limits(limits=1)  # BLAS and OpenMP: one worker, one core
@@ -189,9 +208,11 @@ def _serve(conn: Connection, app_ref: str, log_level: int, preload: WarmUp | Non
             conn.send((_FAILED, f"{type(exc).__name__}: {exc}"))
             return
         conn.send((_READY, None))
-        while (task := conn.recv()) is not None:
-            task_id, message, context = task
-            conn.send((_DONE, (task_id, *call_site(app, message, context))))
+        while (task := tasks.get()) is not None:
+            seq, message, context = pickle.loads(task)
+            running.value = seq
+            conn.send((_DONE, (seq, *call_site(app, message, context))))
+            running.value = _IDLE
     except (EOFError, KeyboardInterrupt, BrokenPipeError):
         return
 
@@ -206,17 +227,19 @@ class WorkerStartError(RuntimeError):
 @dataclass
 class _Worker:
     process: Any  # multiprocessing.context.SpawnProcess
-    conn: Connection
-    task: tuple[str, Message] | None = None
+    conn: Connection  # its replies
+    running: Any  # shared int: the sequence number of its call in progress, or _IDLE
     ready: bool = False
 
 
 class SitePool:
-    """``size`` worker processes; calls go to whichever worker is free.
+    """``size`` worker processes taking calls off one shared queue.
 
-    Calls are dispatched in submission order to idle workers; a worker runs one call at
-    a time, so no pipe can fill while both ends write. Create the pool before starting
-    threads in this process (forked workers inherit only the creating thread).
+    ``submit`` puts a call on the queue and returns; whichever worker is free takes the
+    next call itself, so a worker never waits for this process to hand it one (on a
+    loaded machine the parent may not be scheduled for milliseconds), and a slow call
+    holds up no other. Each worker answers on a pipe of its own. Create the pool before
+    starting threads in this process (forked workers inherit only the creating thread).
     """
 
     def __init__(self, size: int, app_ref: str = CLIENT_APP, *, verbose: bool = False,
@@ -236,90 +259,98 @@ class SitePool:
         self._respawn_ctx = mp.get_context("spawn")  # threads may run by then
         self._app_ref = app_ref
         self._log_level = logging.INFO if verbose else logging.WARNING
-        self._queue: deque[tuple[str, Message, Context]] = deque()
+        # Spawn-context locks: usable by forked workers and by spawned replacements.
+        self._tasks: Any = self._respawn_ctx.Queue()
+        self._pending: dict[int, tuple[str, Message]] = {}  # sequence number -> call
+        self._next_seq = 0
         self._done: list[Done] = []
         # Forked children would otherwise walk (and so copy) every inherited object in
         # their garbage collections; frozen objects are left alone.
         gc.freeze()
         try:
-            self._workers = [self._spawn() for _ in range(size)]
+            self._workers = [self._spawn(self._ctx) for _ in range(size)]
         finally:
             gc.unfreeze()
 
-    def _spawn(self, ctx: Any = None) -> _Worker:
-        ctx = ctx or self._ctx
-        parent, child = ctx.Pipe()
+    def _spawn(self, ctx: Any) -> _Worker:
+        replies, child = ctx.Pipe(duplex=False)
+        _widen(child.fileno())
+        running = self._respawn_ctx.RawValue("q", _IDLE)
         preload = None if ctx.get_start_method() == "fork" else self._preload
         process = ctx.Process(target=_serve,
-                              args=(child, self._app_ref, self._log_level, preload),
+                              args=(self._tasks, child, running, self._app_ref,
+                                    self._log_level, preload),
                               daemon=True, name="privfed-site-worker")  # fmt: skip
         process.start()
         child.close()
-        return _Worker(process, parent)
+        return _Worker(process, replies, running)
 
     def submit(self, task_id: str, message: Message, context: Context) -> None:
-        self._queue.append((task_id, message, context))
-        self._dispatch()
-
-    def _dispatch(self) -> None:
-        for worker in self._workers:
-            if not self._queue:
-                return
-            if worker.task is None:
-                task_id, message, context = self._queue.popleft()
-                worker.task = (task_id, message)
-                worker.conn.send((task_id, message, context))
+        seq, self._next_seq = self._next_seq, self._next_seq + 1
+        self._pending[seq] = (task_id, message)
+        # Pickled now (the queue's feeder thread would pickle it later): the call is
+        # what the message and context were at submission.
+        self._tasks.put(pickle.dumps((seq, message, context), protocol=pickle.HIGHEST_PROTOCOL))
 
     def wait(self, timeout: float | None) -> list[Done]:
-        if not self._done and any(w.task for w in self._workers):
-            busy = [w for w in self._workers if w.task is not None]
-            ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout)
-            for worker in busy:
+        if not self._done and self._pending:
+            workers = list(self._workers)
+            ready = wait([w.conn for w in workers] + [w.process.sentinel for w in workers],
+                         timeout)  # fmt: skip
+            for worker in workers:
                 if worker.conn in ready or worker.process.sentinel in ready:
-                    self._receive(worker)
-            self._dispatch()
+                    self._drain(worker)
         done, self._done = self._done, []
         return done
 
-    def _receive(self, worker: _Worker) -> None:
-        """Take what a busy worker sent; a worker that died answers its call with an error."""
-        if worker.task is None:  # only busy workers are waited on
-            return
-        task_id, message = worker.task
+    def _drain(self, worker: _Worker) -> None:
+        """Take everything ``worker`` sent; if it died, answer its call with an error."""
         try:
-            kind, payload = worker.conn.recv()
+            while worker.conn.poll(0):
+                kind, payload = worker.conn.recv()
+                if kind == _FAILED:
+                    raise WorkerStartError(f"a site worker could not load the ClientApp "
+                                           f"{self._app_ref}: {payload}")
+                if kind == _READY:
+                    worker.ready = True
+                    continue
+                seq, reply, updated = payload
+                call = self._pending.pop(seq, None)
+                if call is not None:
+                    self._done.append((call[0], reply, updated))
         except (EOFError, OSError):  # the process died
-            worker.process.join(timeout=5)
-            code = worker.process.exitcode
-            if not worker.ready:
-                raise WorkerStartError(f"a site worker exited with code {code} before it "
-                                       f"loaded the ClientApp {self._app_ref}") from None
+            self._replace(worker)
+
+    def _replace(self, worker: _Worker) -> None:
+        worker.process.join(timeout=5)
+        code = worker.process.exitcode
+        if not worker.ready:
+            raise WorkerStartError(f"a site worker exited with code {code} before it "
+                                   f"loaded the ClientApp {self._app_ref}") from None
+        call = self._pending.pop(worker.running.value, None)
+        if call is not None:
+            task_id, message = call
             reason = f"the site's process exited with code {code} while handling the message"
             self._done.append((task_id, error_reply(message, ErrorCode.UNKNOWN, reason), None))
-            worker.conn.close()
-            fresh = self._spawn(self._respawn_ctx)
-            worker.process, worker.conn, worker.ready = fresh.process, fresh.conn, False
-        else:
-            if kind == _FAILED:
-                raise WorkerStartError(f"a site worker could not load the ClientApp "
-                                       f"{self._app_ref}: {payload}")
-            if kind == _READY:
-                worker.ready = True
-                return
-            reply_id, reply, updated = payload
-            self._done.append((reply_id, reply, updated))
-        worker.task = None
+        worker.conn.close()
+        fresh = self._spawn(self._respawn_ctx)
+        worker.process, worker.conn, worker.running = fresh.process, fresh.conn, fresh.running
+        worker.ready = False
 
     def close(self) -> None:
-        for worker in self._workers:
-            with suppress(BrokenPipeError, OSError):
-                worker.conn.send(None)
+        with suppress(queue.Empty, OSError):  # calls nobody waits for: not run
+            while self._pending:
+                self._tasks.get_nowait()
+        for _ in self._workers:
+            self._tasks.put(None)
         for worker in self._workers:
             worker.process.join(timeout=5)
             if worker.process.is_alive():
                 worker.process.terminate()
                 worker.process.join()
             worker.conn.close()
+        self._tasks.cancel_join_thread()
+        self._tasks.close()
 
 
 def make_executor(
