@@ -9,7 +9,9 @@ here; any other message goes straight to the handler. Per stage record:
   ``update = new - global``, which is clipped, quantized, weighted by the example count
   (capped at ``max_weight``) together with the train loss, masked, and sent as 4 bytes per
   element. The handler's arrays and metrics never leave the site; its public ``site``
-  record (name, cumulative epsilon) is forwarded.
+  record (name, cumulative epsilon) is forwarded. The neighbours' share bundles are opened
+  and the masks drawn on a second thread while the handler trains (they depend only on the
+  round's keys, not on the update).
 
 One message may carry two rounds' stages (round r's masked-input request and round r + 1's
 key advertisement); they are answered in (round, stage) order, into one reply.
@@ -25,6 +27,9 @@ Guarantees:
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -114,6 +119,38 @@ def _encoded_input(
     return encode(update, weight, session.params, metrics=values)
 
 
+class _Background:
+    """``fn(*args)`` on its own thread; ``result()`` waits and returns or re-raises.
+
+    The masks are ChaCha20 keystreams drawn by OpenSSL, which releases the GIL: they take
+    another core while the handler trains, instead of adding to the call's time.
+    """
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._out: Any = None
+        self._exc: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True,
+                                        name="privfed-secagg-masks")  # fmt: skip
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            self._out = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
+            self._exc = exc
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._exc is not None:
+            raise self._exc
+        return self._out
+
+    def discard(self) -> None:
+        """Wait for the thread and drop what it made (its error too)."""
+        self._thread.join()
+        self._out = self._exc = None
+
+
 def _answer(ins, msg, context, call_next, public: RecordDict) -> object | Message:
     """One stage message -> its reply (or the handler's error reply, at collect)."""
     if isinstance(ins, AdvertiseKeysIns):
@@ -125,11 +162,15 @@ def _answer(ins, msg, context, call_next, public: RecordDict) -> object | Messag
         res = session.share_keys(ins)
     elif isinstance(ins, CollectMaskedIns):
         session = _load(context, ins.round)
+        masks = _Background(session.prepare_masks, ins)  # drawn while the handler trains
         reply = call_next(msg, context)
         if reply.has_error():
+            masks.discard()
             return reply
+        prepared = masks.result()
         norm_bound = RunConfig.from_flat(context.run_config, complete=True).robust.norm_bound
-        res = session.collect_masked(ins, _encoded_input(msg, reply, session, norm_bound))
+        encoded = _encoded_input(msg, reply, session, norm_bound)
+        res = session.collect_masked(ins, encoded, prepared)
         if SITE in reply.content.config_records:
             public.config_records[SITE] = reply.content.config_records[SITE]
     elif isinstance(ins, UnmaskIns):

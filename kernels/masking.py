@@ -4,7 +4,11 @@ A mask for :class:`~kernels.keys.MaskKey` ``k`` over ``n`` elements is the first
 of the ChaCha20 stream of ``(k.key, k.nonce)`` from block 0 (see
 :func:`kernels.chacha20.chacha20_keystream`). On CUDA the masks of all keys are generated
 and summed in registers by one Triton kernel (no mask tensor exists); on CPU they are drawn
-in cache-sized chunks through OpenSSL.
+in cache-sized chunks through OpenSSL (which releases the GIL, so masks can be drawn on one
+thread while another trains).
+
+:func:`mask_sum` writes the signed sum of masks into a buffer instead of adding it, for a
+caller that draws its masks before the vector they will hide exists.
 """
 
 from collections.abc import Sequence
@@ -66,13 +70,36 @@ def add_masks(x: torch.Tensor, keys: Sequence[MaskKey], signs: Sequence[int]) ->
     return x
 
 
-def _add_masks_cpu(flat: np.ndarray, keys: Sequence[MaskKey], signs: Sequence[int]) -> None:
+def mask_sum(x: torch.Tensor, keys: Sequence[MaskKey], signs: Sequence[int]) -> torch.Tensor:
+    """Overwrite ``x`` with ``sum_i signs[i] * mask(keys[i])`` in Z_2^32 (old values ignored).
+
+    Equals ``add_masks(x.zero_(), keys, signs)`` bit for bit, without the zero pass on CPU
+    (the first keystream is written straight into ``x``). No keys: ``x`` becomes zeros.
+
+    Raises:
+        TypeError, ValueError: as :func:`add_masks`.
+    """
+    _check_mask_args(x, keys, signs)
+    if is_cuda(x) or not keys:
+        return add_masks(x.zero_(), keys, signs)
+    _add_masks_cpu(flat_numpy(x), keys, signs, overwrite=True)
+    return x
+
+
+def _add_masks_cpu(
+    flat: np.ndarray, keys: Sequence[MaskKey], signs: Sequence[int], overwrite: bool = False
+) -> None:
     readers = [KeystreamReader(k.key, k.nonce) for k in keys]
     mask = np.empty(min(flat.size, CPU_CHUNK), dtype=np.int32)
     for part in chunks(flat.size, mask.size or 1):
         target = flat[part]
         m = mask[: target.size]
-        for reader, sign in zip(readers, signs, strict=True):
+        for i, (reader, sign) in enumerate(zip(readers, signs, strict=True)):
+            if overwrite and i == 0:  # the first mask is written, not added
+                reader.read_into(target)
+                if sign == -1:
+                    np.negative(target, out=target)
+                continue
             reader.read_into(m)
             (np.add if sign == 1 else np.subtract)(target, m, out=target)
 

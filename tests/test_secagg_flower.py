@@ -8,6 +8,7 @@ produced (bit for bit in Z_2^32) and against plain FedAvg (within the quantizati
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from kernels import dequantization_error_bound
 from server.loop import LoopSettings, run_rounds
 from server.secagg import SecAggIncompatibleStrategy, SecAggPlus
 from shared.config import ConfigError, DropoutStage, RunConfig, SecAggConfig
+from shared.secagg import SecAggAbort, SecAggClient
 from shared.secagg.contract import LOCAL_STATE_RECORD
 from shared.training import EvalResult
 from shared.wire import NUM_EXAMPLES, PARTITION_ID, array_view
@@ -45,12 +47,15 @@ def loss(site: int, rnd: int) -> float:
     return 1.0 + site / 10 + rnd / 100
 
 
-def make_app() -> ClientApp:
-    """A site whose training adds ``delta(site, round)`` to the global model."""
+def make_app(before_train=None) -> ClientApp:
+    """A site whose training adds ``delta(site, round)`` to the global model
+    (``before_train(msg)`` is called first, if given)."""
     app = ClientApp(mods=[mod.secagg_mod])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        if before_train is not None:
+            before_train(msg)
         site = int(context.node_config[PARTITION_ID])
         rnd = int(msg.content.config_records["config"]["server-round"])
         arrays = msg.content.array_records["arrays"]
@@ -110,12 +115,12 @@ class Spy:
         monkeypatch.setattr(SecAggPlus, "_finish", finish_hook)
 
 
-def run(monkeypatch, rounds=2, drops=None, strategy=None, n=N, **secagg):
+def run(monkeypatch, rounds=2, drops=None, strategy=None, n=N, app=None, **secagg):
     """Run ``rounds`` secure rounds; ``drops[(round, site)]`` is a simulated dropout stage."""
     drops = drops or {}
     monkeypatch.setattr(mod, "dropout_stage", lambda cfg, rnd, site: drops.get((rnd, site)))
     flat = RunConfig.from_flat({"federation.clients": n, "secagg.enabled": True}).to_flat()
-    grid = FakeGrid(make_app(), n, flat)
+    grid = FakeGrid(app or make_app(), n, flat)
     strategy = strategy or FedAvg(fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n)
     cfg = SecAggConfig(enabled=True, clip_range=CLIP, bits=BITS, **secagg)
     secure = SecAggPlus(strategy, cfg, expected_sites=n, timeout=5.0, poll_interval=0.0)
@@ -272,6 +277,63 @@ def test_server_optimizer_strategies_see_the_secure_mean(monkeypatch):
     _, reports, models = run(monkeypatch, rounds=1, strategy=strategy)
     assert reports[0].clients_trained == N
     assert any(np.abs(models[1][k].numpy() - models[0][k].numpy()).max() > 0 for k in SHAPES)
+
+
+def test_masks_are_drawn_on_another_thread_while_the_handler_trains(monkeypatch):
+    # A rendezvous: the mask drawing waits until the handler has started and the handler
+    # waits until the drawing has started. Run one after the other (either order), one of
+    # the two waits times out.
+    masks_on, training_on, threads, waited = threading.Event(), threading.Event(), set(), []
+    prepare = SecAggClient.prepare_masks
+
+    def spy(self, ins):
+        threads.add(threading.get_ident())
+        masks_on.set()
+        waited.append(("masks", training_on.wait(timeout=10.0)))
+        return prepare(self, ins)
+
+    def before_train(msg):
+        training_on.set()
+        waited.append(("handler", masks_on.wait(timeout=10.0)))
+
+    def reset(rnd, *args, **kwargs):
+        masks_on.clear()
+        training_on.clear()
+
+    monkeypatch.setattr(SecAggClient, "prepare_masks", spy)
+    monkeypatch.setattr(mod, "_encoded_input", _after(mod._encoded_input, reset))
+    grid, reports, models = run(monkeypatch, rounds=2, app=make_app(before_train))
+    assert sorted(waited) == [("handler", True)] * (2 * N) + [("masks", True)] * (2 * N)
+    assert threading.get_ident() not in threads
+    assert all(r.clients_trained == N and r.failures == [] for r in reports)
+    expected = plain_fedavg(models[1], list(range(N)), 2)
+    bound = dequantization_error_bound(CLIP, BITS, N * max(examples(s) for s in range(N)))
+    for k in SHAPES:
+        assert np.max(np.abs(models[2][k].numpy() - expected[k])) <= bound
+
+
+def _after(fn, hook):
+    def wrapped(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        hook(*args, **kwargs)
+        return out
+
+    return wrapped
+
+
+def test_a_failing_handler_is_the_reply_even_when_the_masks_fail_too(monkeypatch):
+    def refuse(self, ins):
+        raise SecAggAbort("collect-masked", "test: masks refused")
+
+    def fail(msg):
+        raise RuntimeError("test: training failed")
+
+    monkeypatch.setattr(SecAggClient, "prepare_masks", refuse)
+    _, reports, models = run(monkeypatch, rounds=1, app=make_app(fail))
+    assert reports[0].clients_trained == 0
+    assert all("training failed" in f for f in reports[0].failures[:N])
+    assert models[1] is None or all(np.array_equal(models[1][k].numpy(), models[0][k].numpy())
+                                    for k in SHAPES)  # fmt: skip
 
 
 def test_sessions_do_not_pile_up_in_site_state(monkeypatch):

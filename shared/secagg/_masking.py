@@ -31,6 +31,7 @@ from kernels import (
 from kernels import (
     add_masks as _kernel_add_masks,
 )
+from kernels.masking import mask_sum as _kernel_mask_sum
 
 
 def _ring_view(x: np.ndarray) -> torch.Tensor:
@@ -61,8 +62,18 @@ def add_masks(x: np.ndarray, keys: Sequence[MaskKey], signs: Sequence[int]) -> N
         _kernel_add_masks(_ring_view(x), list(keys), list(signs))
 
 
+def mask_sum(n: int, keys: Sequence[MaskKey], signs: Sequence[int]) -> np.ndarray:
+    """A fresh uint32 vector of ``n`` elements: ``sum_i signs[i] * mask(keys[i])`` mod 2**32."""
+    out = np.empty(n, dtype=np.uint32)
+    _kernel_mask_sum(_ring_view(out), list(keys), list(signs))
+    return out
+
+
 def fold(acc: np.ndarray, x: np.ndarray) -> None:
     """``acc += x`` in place, mod 2**32."""
     if x.dtype != np.uint32 or x.shape != acc.shape:
         raise TypeError(f"cannot fold {x.dtype} {x.shape} into uint32 {acc.shape}")
+    if not x.flags.writeable:  # a view of a received record's bytes: torch would warn
+        np.add(acc, x, out=acc)  # uint32 addition wraps: the same ring sum
+        return
     accumulate_ring(_ring_view(acc), torch.from_numpy(np.ascontiguousarray(x).view(np.int32)))

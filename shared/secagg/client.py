@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import secrets
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,17 @@ from shared.secagg.crypto import (
 from shared.secagg.encoding import vector_length
 from shared.secagg.errors import ContractError, SecAggAbort, StaleMessageError
 from shared.secagg.params import SecAggParams
+
+
+@dataclass(eq=False)
+class PreparedMasks:
+    """Stage 3 work done before the input exists (``SecAggClient.prepare_masks``). SECRET."""
+
+    ins: CollectMaskedIns
+    bundles: dict[int, tuple[np.ndarray, np.ndarray]]
+    masks: np.ndarray
+    used: bool = False
+
 
 _SHARE_HEADER = struct.Struct("<Qqii")  # run_id, round, sender, receiver
 SHARE_PLAINTEXT_BYTES = _SHARE_HEADER.size + 2 * 8 * SHARE_ELEMS
@@ -188,12 +200,51 @@ class SecAggClient:
             bundles[v] = unpack_shares(plain, (self.run_id, self.round, v, self.index))
         return bundles
 
-    def collect_masked(self, ins: CollectMaskedIns, encoded: np.ndarray) -> CollectMaskedRes:
+    def prepare_masks(self, ins: CollectMaskedIns) -> PreparedMasks:
+        """Stage 3, first half: open the neighbours' share bundles and draw this round's masks.
+
+        Needs only ``ins`` and the session, not the input, so a site may run it on another
+        thread while it trains. Changes nothing in the session: ``collect_masked`` commits.
+
+        Returns:
+            The opened bundles and the signed sum of the self mask and one pairwise mask per
+            sender (SECRET: it hides the input; keep it local, pass it to ``collect_masked``).
+
+        Raises:
+            StaleMessageError, ContractError: ``ins`` is not this session's stage-3 message,
+                or a bundle is from a non-peer, tampered with or misrouted.
+            SecAggAbort: fewer than t holders (senders + this client).
+        """
+        self._begin(Stage.COLLECT_MASKED, ins)
+        bundles = self._receive_bundles(ins)
+        if len(bundles) + 1 < self.params.t:
+            raise SecAggAbort(
+                Stage.COLLECT_MASKED.value,
+                f"client {self.index} has {len(bundles)} peers + itself < t={self.params.t}",
+            )
+        keys = [_masking.self_mask_key(self._seed, self.run_id, self.round)]
+        signs = [1]
+        for v in sorted(bundles):
+            secret = self._mask.agree(self._peers[v][1])
+            keys.append(_masking.pair_mask_key(secret, self.run_id, self.round, self.index, v))
+            signs.append(_masking.pair_sign(self.index, v))
+        return PreparedMasks(ins, bundles, _masking.mask_sum(self.vector_len, keys, signs))
+
+    def collect_masked(
+        self, ins: CollectMaskedIns, encoded: np.ndarray, prepared: PreparedMasks | None = None
+    ) -> CollectMaskedRes:
         """Stage 3: store neighbours' shares and return the masked encoded input.
 
         Args:
             ins: the sealed bundles of the neighbours that completed stage 2.
             encoded: this client's input from ``encoding.encode`` (uint32, ``vector_len``).
+            prepared: ``prepare_masks(ins)`` if already drawn (for this very ``ins``); its
+                mask buffer becomes the reply's masked input, so it serves one call only.
+
+        Raises:
+            ValueError: ``encoded`` has the wrong dtype or shape.
+            ContractError: ``prepared`` was drawn for another message or already used.
+            Anything ``prepare_masks`` raises.
         """
         self._begin(Stage.COLLECT_MASKED, ins)
         encoded = np.asarray(encoded)
@@ -202,22 +253,15 @@ class SecAggClient:
                 f"encoded input must be uint32 of shape ({self.vector_len},), "
                 f"got {encoded.dtype} {encoded.shape}"
             )
-        bundles = self._receive_bundles(ins)
-        if len(bundles) + 1 < self.params.t:
-            raise SecAggAbort(
-                Stage.COLLECT_MASKED.value,
-                f"client {self.index} has {len(bundles)} peers + itself < t={self.params.t}",
-            )
-        self._held.update(bundles)
-        self._maskers = frozenset(bundles)
-        keys = [_masking.self_mask_key(self._seed, self.run_id, self.round)]
-        signs = [1]
-        for v in sorted(bundles):
-            secret = self._mask.agree(self._peers[v][1])
-            keys.append(_masking.pair_mask_key(secret, self.run_id, self.round, self.index, v))
-            signs.append(_masking.pair_sign(self.index, v))
-        y = encoded.copy()
-        _masking.add_masks(y, keys, signs)
+        if prepared is None:
+            prepared = self.prepare_masks(ins)
+        elif prepared.ins is not ins or prepared.used:
+            raise ContractError("masks were prepared for another message or already used")
+        prepared.used = True
+        self._held.update(prepared.bundles)
+        self._maskers = frozenset(prepared.bundles)
+        y = prepared.masks
+        np.add(y, encoded, out=y)  # the masks buffer becomes the masked input
         self._next = Stage.UNMASK
         return CollectMaskedRes(self.run_id, self.round, self.index, y)
 
