@@ -236,7 +236,7 @@ class SecAggPlus:
         try:
             stage_msgs = unpack(records, Direction.RES)
             for name in [n for n in records if is_stage_record(n)]:
-                del records[name]  # parsed copies live on; the raw bytes go now
+                del records[name]  # the masked input is a view of its bytes until folded
             for res in stage_msgs:
                 session = sessions.get(res.round)
                 if session is None or session.index.get(node) != res.client:

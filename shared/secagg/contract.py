@@ -266,7 +266,10 @@ class CollectMaskedIns(_Message):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class CollectMaskedRes(_Message):
-    """Stage 3, client -> server: the masked encoded input, uint32 (4 bytes per element)."""
+    """Stage 3, client -> server: the masked encoded input, uint32 (4 bytes per element).
+
+    Parsed from a record, ``masked`` is a read-only view of the record's bytes (no copy).
+    """
 
     STAGE: ClassVar[Stage] = Stage.COLLECT_MASKED
     DIRECTION: ClassVar[Direction] = Direction.RES
@@ -387,7 +390,8 @@ def _decode(kind: Kind, d: dict[str, Any], key: str, cls: type) -> Any:
         raw = _get(d, key, bytes, cls)
         if len(raw) % 4:
             raise ContractError(f"{cls.__name__}: {key!r} length {len(raw)} not a multiple of 4")
-        return np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+        view = np.frombuffer(raw, dtype="<u4")  # read-only, shares the record's bytes
+        return view if view.dtype == np.uint32 else view.astype(np.uint32)  # big-endian host
     items = _get(d, key, list, cls)
     typ = int if kind is Kind.INTS else bytes
     if not all(isinstance(v, typ) and not isinstance(v, bool) for v in items):

@@ -89,11 +89,17 @@ def powmod(a: np.ndarray, e: int) -> np.ndarray:
 
 
 def invmod(a: np.ndarray) -> np.ndarray:
-    """Elementwise inverse mod p (Fermat). Raises ValueError on a zero element."""
+    """Elementwise inverse mod p. Raises ValueError on a zero element.
+
+    Python's exact ``pow(x, -1, p)`` per element: a 61-bit modulus is one machine word for
+    it, ~1 us per element, where Fermat's ``powmod(a, p - 2)`` takes ~120 vectorised
+    ``mulmod`` calls of ~15 numpy operations each (a few ms for any small array).
+    """
     a = np.asarray(a, dtype=np.uint64)
     if np.any(a == 0):
         raise ValueError("0 has no inverse mod p")
-    return powmod(a, P - 2)
+    flat = [pow(v, -1, P) for v in a.reshape(-1).tolist()]
+    return np.array(flat, dtype=np.uint64).reshape(a.shape)
 
 
 def random_field(shape: tuple[int, ...], randbytes: RandBytes = secrets.token_bytes) -> np.ndarray:

@@ -40,8 +40,10 @@ def test_self_masks_are_gone_before_finalize_when_nobody_dropped():
     # accumulator already holds the plain sum and finalize has nothing left to subtract.
     x = _inputs(8, 11, seed=4)
     seen = {}
-    out, _, _ = run_round(SecAggParams(n=8, k=4, t=3), x,
-                          before_finalize=lambda s: seen.setdefault("acc", s._acc.copy()))  # fmt: skip
+
+    def keep(server):
+        seen["acc"] = server._acc.copy()
+
+    out, _, _ = run_round(SecAggParams(n=8, k=4, t=3), x, before_finalize=keep)
     assert np.array_equal(seen["acc"], _ring_sum(x, range(8)))
     assert np.array_equal(out, seen["acc"])
-
