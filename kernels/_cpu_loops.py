@@ -21,25 +21,15 @@ _DITHER_SCALE = np.float32(1 << 16)
 _OPTIONS = {"nogil": True, "cache": True, "boundscheck": False, "error_model": "numpy"}
 
 
-@numba.njit("int64(float32[::1], uint16[::1], uint32[::1], float32, float32)", **_OPTIONS)
-def round_narrow(x, dither, out, clip, scale16):  # pragma: no cover - compiled
-    """bits <= 16: ``out = (uint32(fl32(fl32(clip(x) + c) * s * 2**16)) + dither) >> 16``.
+@numba.njit("int64(float32[::1], uint16[::1], int32[::1], float32, float32, boolean)",
+            **_OPTIONS)
+def round_into_ring(x, dither, out, clip, scale, narrow):  # pragma: no cover - compiled
+    """``y = fl32(fl32(clip(x) + c) * scale)``, rounded with the 16-bit ``dither`` into ``out``.
 
-    ``scale16`` is ``s * 2**16`` (a power-of-two factor, so the same bits as scaling after).
-    Returns how many elements of ``x`` were NaN (their outputs are meaningless).
-    """
-    nans = 0
-    for i in range(x.size):
-        v = x[i]
-        nans += v != v
-        y = (min(max(v, -clip), clip) + clip) * scale16
-        out[i] = (np.uint32(y) + np.uint32(dither[i])) >> _DITHER_SHIFT
-    return nans
-
-
-@numba.njit("int64(float32[::1], uint16[::1], int32[::1], float32, float32)", **_OPTIONS)
-def round_wide(x, dither, out, clip, scale):  # pragma: no cover - compiled
-    """bits > 16: ``y = floor(y) + frac`` exactly; the fraction is rounded with the dither.
+    ``narrow`` (bits <= 16): ``scale`` is ``s * 2**16`` (a power-of-two factor, so the same
+    bits as scaling after) and ``out = (uint32(y) + dither) >> 16``. Otherwise ``scale`` is
+    ``s``, ``y = floor(y) + frac`` exactly and only the fraction is rounded with the dither.
+    The flag is loop-invariant: LLVM compiles one vector loop per branch.
 
     Returns how many elements of ``x`` were NaN (their outputs are meaningless).
     """
@@ -48,7 +38,10 @@ def round_wide(x, dither, out, clip, scale):  # pragma: no cover - compiled
         v = x[i]
         nans += v != v
         y = (min(max(v, -clip), clip) + clip) * scale
-        whole = np.floor(y)
-        fixed = np.uint32((y - whole) * _DITHER_SCALE) + np.uint32(dither[i])
-        out[i] = np.int32(whole) + np.int32(fixed >> _DITHER_SHIFT)
+        if narrow:
+            out[i] = np.int32((np.uint32(y) + np.uint32(dither[i])) >> _DITHER_SHIFT)
+        else:
+            whole = np.floor(y)
+            fixed = np.uint32((y - whole) * _DITHER_SCALE) + np.uint32(dither[i])
+            out[i] = np.int32(whole) + np.int32(fixed >> _DITHER_SHIFT)
     return nans

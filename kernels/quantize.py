@@ -263,12 +263,11 @@ def _quantize_range(
     narrow = g.bits <= DITHER_BITS
     # Narrow widths scale straight to y * 2**16 (a power-of-two factor: the same bits).
     scale = g.scale * _DITHER_SCALE if narrow else g.scale
-    target = out.view(np.uint32) if narrow else out
-    loop = _cpu_loops.round_narrow if narrow else _cpu_loops.round_wide
     for part in chunks(x.size, size or 1):
         m = part.stop - part.start
         reader.read_into(words[: (m + 1) // 2])
-        if loop(x[part], words.view(np.uint16)[:m], target[part], g.clip, scale):
+        dither = words.view(np.uint16)[:m]
+        if _cpu_loops.round_into_ring(x[part], dither, out[part], g.clip, scale, narrow):
             raise _NaNFound
 
 
