@@ -22,8 +22,8 @@ Flower 1.41 crashes on an even num_shares < N). Each arm runs in its own process
   10 and ``--clients`` sites; round time is the median over rounds 2..R-1.
   ``privfed_vs_plain_separate`` is privfed's ratio measured that way.
 
-Load-independent: ``client_cpu_ms_per_call``, the thread CPU time of one site call (plain
-train; privfed collect and unmask), and ``client_cpu_privfed_vs_plain`` = (collect + unmask)
+Load-independent: ``client_cpu_ms_per_call``, the CPU time of one site call, all its threads
+(plain train; privfed collect, whose masks are drawn on a second thread, and unmask), and ``client_cpu_privfed_vs_plain`` = (collect + unmask)
 / plain, the ratio a CPU-bound backend cannot beat.
 
 In process, 1 thread: client encode (clip, quantize, weight, k + 1 masks) and server
@@ -170,9 +170,10 @@ def stock_micro(n: int, k: int, t: int, unmask_clients: int | None = None) -> di
 
 
 def client_cpu_ms(n: int, k: int, t: int, rounds: int = 5) -> dict[str, float]:
-    """Thread CPU time of one site call (ms, median), load-independent: a plain train call,
-    privfed's collect call (train + encode + k + 1 masks) and unmask call (unmask + next
-    round's share keys), run inline (``--workers 0``: messages copied as the pool's pipe
+    """CPU time of one site call, every thread of the process (``time.process_time``: the
+    collect call draws its masks on a second thread), in ms, median; load-independent: a
+    plain train call, privfed's collect call (train + encode + k + 1 masks) and unmask call
+    (unmask + next round's share keys), run inline (``--workers 0``: messages copied as the pool's pipe
     copies them) on the in-process grid; rounds 3..``rounds`` (steady state)."""
     from benchmarks._secagg_arms import RUN_CONFIG, _strategies, make_net
     from flwr.app import ArrayRecord
@@ -189,12 +190,12 @@ def client_cpu_ms(n: int, k: int, t: int, rounds: int = 5) -> dict[str, float]:
     submit, steady = executor.submit, [False]
 
     def timed_submit(task_id, message, context):
-        start = time.thread_time()
+        start = time.process_time()
         submit(task_id, message, context)
         if steady[0]:
             secure = any(is_stage_record(name) for name in message.content.config_records)
             kind = "plain" if not secure else "collect" if "arrays" in message.content else "unmask"
-            calls[kind].append(time.thread_time() - start)
+            calls[kind].append(time.process_time() - start)
 
     executor.submit = timed_submit
     run = new_run(RUN_CONFIG)

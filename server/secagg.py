@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Message,
@@ -57,6 +56,7 @@ from shared.secagg import SecAggAbort, SecAggServer, decode
 from shared.secagg.contract import Direction, _Message
 from shared.secagg.errors import ContractError
 from shared.secagg.transport import SECURE_METRICS, apply_update, is_stage_record, pack, unpack
+from shared.wire import array_view, numpy_to_array
 
 log = logging.getLogger("flwr.privfed.server")
 
@@ -263,12 +263,12 @@ class SecAggPlus:
             out.failures.append(f"secagg: {exc}")
             return
         keys = list(arrays)
-        new = apply_update([arrays[k].numpy() for k in keys], agg.mean_update)
+        new = apply_update([array_view(arrays[k]) for k in keys], agg.mean_update)
         metrics = {k: float(v) for k, v in zip(SECURE_METRICS, agg.mean_metrics, strict=True)}
         weight_key = getattr(self.strategy, "weighted_by_key", "num-examples")
         array_key = getattr(self.strategy, "arrayrecord_key", "arrays")
         mean = RecordDict({
-            array_key: ArrayRecord({k: Array(v) for k, v in zip(keys, new, strict=True)}),
+            array_key: ArrayRecord({k: numpy_to_array(v) for k, v in zip(keys, new, strict=True)}),
             "metrics": MetricRecord({**metrics, weight_key: 1}),
         })  # fmt: skip
         probe = Message(RecordDict(), dst_node_id=0, message_type=MessageType.TRAIN)
