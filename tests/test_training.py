@@ -53,3 +53,43 @@ def test_seed_torch_makes_cpu_draws_reproducible():
     assert torch.equal(a, torch.rand(5))
     torch.manual_seed(7)  # the same generator torch.manual_seed seeds
     assert torch.equal(a, torch.rand(5))
+
+
+def _sgd_runs(optimizer_kwargs, hook=False):
+    """(weights after shared.training.train, weights after torch's own step loop)."""
+    from shared.models import InputSpec, get_model
+    from shared.training import train
+
+    data = ArrayDataset(np.random.default_rng(0).standard_normal((70, 12), dtype=np.float32),
+                        np.arange(70) % 3)  # fmt: skip
+    out = []
+    for ours in (True, False):
+        torch.manual_seed(0)
+        model = get_model("mlp", InputSpec((12,), 3))
+        optimizer = torch.optim.SGD(model.parameters(), **optimizer_kwargs)
+        if hook:
+            optimizer.register_step_post_hook(lambda *_: None)
+        batches = Batches(data, 16, seed=5, shuffle=True)
+        if ours:
+            loss = train(model, batches, optimizer, epochs=2)
+        else:
+            losses = []
+            for _ in range(2):
+                for x, y in batches:
+                    optimizer.zero_grad(set_to_none=True)
+                    step_loss = torch.nn.functional.cross_entropy(model(x), y)
+                    step_loss.backward()
+                    optimizer.step()
+                    losses.append(float(step_loss.detach()))
+            loss = float(np.mean(losses))
+        out.append((loss, [p.detach().clone() for p in model.parameters()]))
+    return out
+
+
+@pytest.mark.parametrize("kwargs, hook", [({"lr": 0.05}, False), ({"lr": 0.1}, True),
+                                          ({"lr": 0.05, "momentum": 0.9}, False),
+                                          ({"lr": 0.05, "weight_decay": 1e-3}, False)])
+def test_train_gives_the_weights_of_torchs_sgd_step_bit_for_bit(kwargs, hook):
+    (loss, ours), (ref_loss, ref) = _sgd_runs(kwargs, hook)
+    assert loss == ref_loss
+    assert all(torch.equal(a, b) for a, b in zip(ours, ref, strict=True))
