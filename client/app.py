@@ -46,6 +46,7 @@ from shared.wire import (
     SITE_NAME_KEY,
     SITE_ROUND,
     load_into,
+    record_at,
     to_record,
 )
 
@@ -53,7 +54,7 @@ app = ClientApp(mods=[secagg_mod])  # SecAgg+ stages; plain train messages pass 
 
 
 def _round_of(msg: Message) -> int:
-    config = msg.content.config_records.get(CONFIG)
+    config = record_at(msg.content, CONFIG, ConfigRecord)
     return int(config.get(SERVER_ROUND, 0)) if config is not None else 0  # type: ignore[arg-type]
 
 
@@ -75,7 +76,7 @@ def _model_for(
         model.zero_grad(set_to_none=True)
     else:
         model = get_model(config.model.name, data.spec)
-    load_into(model, msg.content.array_records[ARRAYS])
+    load_into(model, msg.content[ARRAYS])  # type: ignore[arg-type]
     return model
 
 
@@ -109,7 +110,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     seed = _training_seed(config.federation.seed, server_round, data.site_id)
     seed_torch(seed)
     site = ConfigRecord({SITE_NAME: _site_name(context), SITE_ROUND: server_round})
-    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    byzantine = data.site_id in byzantine_sites(config)  # a rehearsal of a misbehaving site
+    global_state = {k: v.clone() for k, v in model.state_dict().items()} if byzantine else {}
     if config.privacy.enabled:
         try:
             result = train_privately(model, data.train, config, context.node_config,
@@ -124,8 +126,10 @@ def train_handler(msg: Message, context: Context) -> Message:
         state = model.state_dict()
     if crashes(config, server_round, data.site_id):
         raise SimulatedCrash(f"site {data.site_id} crashed after training in round {server_round}")
-    time.sleep(straggler_delay(config, server_round, data.site_id))
-    if data.site_id in byzantine_sites(config):  # a rehearsal of a misbehaving site
+    delay = straggler_delay(config, server_round, data.site_id)
+    if delay > 0:
+        time.sleep(delay)
+    if byzantine:
         state = misbehave(config.faults.byzantine_kind, state, global_state)
     metrics = MetricRecord({"train_loss": loss, NUM_EXAMPLES: len(data.train)})
     content = RecordDict({ARRAYS: to_record(state), METRICS: metrics, SITE: site})

@@ -12,10 +12,11 @@ import functools
 import io
 from collections import OrderedDict
 from collections.abc import Mapping
+from typing import TypeVar
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -39,6 +40,30 @@ PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 #: Node-config key of a deployed site's display name.
 SITE_NAME_KEY = "site-name"
+
+
+_Record = TypeVar("_Record", ArrayRecord, MetricRecord, ConfigRecord)
+
+
+def record_at(content: RecordDict, key: str, kind: type[_Record]) -> _Record | None:
+    """``content.<kind>_records.get(key)``: the record under ``key`` if it is a ``kind``.
+
+    Flower builds those views afresh on every access, storing every record of the message
+    again on the way (~35 us each); this is a dictionary lookup.
+    """
+    record = content.get(key)
+    return record if isinstance(record, kind) else None
+
+
+def first_record(content: RecordDict, kind: type[_Record]) -> _Record | None:
+    """``next(iter(content.<kind>_records.values()), None)`` without building the view."""
+    return next((r for r in content.values() if isinstance(r, kind)), None)
+
+
+def record_views(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Every array of ``record`` as a read-only view (see :func:`array_view`), key order
+    kept: for reading replies without copying them."""
+    return {k: array_view(v) for k, v in record.items()}
 
 
 #: Flower's serialisation type for arrays: the bytes of ``numpy.save``.
@@ -135,19 +160,38 @@ def from_record(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
 def load_into(model: torch.nn.Module, record: ArrayRecord) -> None:
     """Load global weights into ``model``; keys and shapes must match exactly.
 
+    What ``model.load_state_dict(from_record(record))`` does for the plain parameters and
+    buffers of privfed's models (values cast to each tensor's dtype as ``copy_`` casts
+    them), with one copy per array instead of three: each tensor is written from a view
+    of the message's bytes. Nothing is written unless every key and shape fits.
+
     Raises:
         ValueError: the record does not fit the model (names the keys at fault).
     """
-    state = from_record(record)
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(record))
+    extra = sorted(set(record) - set(own))
     if missing or extra:
         raise ValueError(f"model weights do not fit: missing {missing}, unexpected {extra}")
-    for key, value in state.items():
+    values = {key: array_view(array) for key, array in record.items()}
+    for key, value in values.items():
         if value.shape != own[key].shape:
             raise ValueError(
                 f"model weights do not fit: {key} has shape {tuple(value.shape)}, "
                 f"expected {tuple(own[key].shape)}"
             )
-    model.load_state_dict(state)
+    with torch.no_grad():
+        for key, value in values.items():
+            _copy_into(own[key], value)
+
+
+def _copy_into(target: torch.Tensor, value: np.ndarray) -> None:
+    """``target.copy_(value)`` for a CPU tensor (a state dict's: detached, aliasing the
+    module's own); numpy writes it where it can, without a tensor over ``value``."""
+    if target.device.type == "cpu":
+        try:
+            np.copyto(target.numpy(), value, casting="unsafe")
+            return
+        except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16, ...)
+            pass
+    target.copy_(torch.from_numpy(np.array(value)))

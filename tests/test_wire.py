@@ -88,3 +88,27 @@ def test_record_helpers_round_trip_a_state_dict():
     assert list(arrays) == list(state)
     again = record_to_numpy(numpy_to_record(arrays))
     assert all(np.array_equal(again[k], arrays[k]) for k in arrays)
+
+
+def test_load_into_writes_what_load_state_dict_writes():
+    source = get_model("mlp")
+    for param in source.parameters():
+        param.data.normal_()
+    state = dict(source.state_dict())
+    state["net.1.bias"] = state["net.1.bias"].double()  # cast on the way in, as copy_ does
+    ours, theirs = get_model("mlp"), get_model("mlp")
+    load_into(ours, to_record(state))
+    theirs.load_state_dict(state)
+    for (key, a), b in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), key
+    assert all(p.requires_grad for p in ours.parameters())
+
+
+def test_load_into_writes_nothing_when_a_shape_is_wrong():
+    model = get_model("mlp")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    other = {k: torch.ones_like(v) for k, v in before.items()}
+    other["net.5.bias"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="net.5.bias has shape"):
+        load_into(model, to_record(other))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
