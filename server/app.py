@@ -34,7 +34,7 @@ from shared.config import RunConfig
 from shared.data import load
 from shared.models import get_model
 from shared.training import EvalResult, evaluate
-from shared.wire import NUM_EXAMPLES, from_record, to_record
+from shared.wire import NUM_EXAMPLES, first_record, from_record, to_record
 
 log = logging.getLogger("flwr.privfed.server")  # Flower's handlers and log stream
 
@@ -53,7 +53,7 @@ def weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
     totals: dict[str, float] = {}
     total_weight = 0.0
     for record in records:
-        metrics = next(iter(record.metric_records.values()))
+        metrics = first_record(record, MetricRecord)
         weight = float(metrics[weight_key])  # type: ignore[arg-type]
         if weight <= 0:
             continue

@@ -26,7 +26,15 @@ from server.robust import bound_replies
 from server.secagg import SecAggPlus, TrainOutcome
 from server.validation import ReplyBounds, split_valid
 from shared.training import EvalResult
-from shared.wire import NUM_EXAMPLES, SITE, SITE_EPSILON, SITE_NAME, record_to_numpy
+from shared.wire import (
+    NUM_EXAMPLES,
+    SITE,
+    SITE_EPSILON,
+    SITE_NAME,
+    first_record,
+    record_at,
+    record_to_numpy,
+)
 
 log = logging.getLogger("flwr.privfed.server")  # Flower's handlers and log stream
 
@@ -91,7 +99,7 @@ def _exchange(
 
 
 def _num_examples(reply: Message) -> int:
-    metrics = next(iter(reply.content.metric_records.values()), None)
+    metrics = first_record(reply.content, MetricRecord)
     return int(metrics.get(NUM_EXAMPLES, 0)) if metrics is not None else 0  # type: ignore[arg-type]
 
 
@@ -99,7 +107,7 @@ def site_epsilons(replies: Iterable[Message]) -> dict[str, float]:
     """The cumulative epsilon each replying site reports about itself (DP runs)."""
     out: dict[str, float] = {}
     for reply in replies:
-        site = reply.content.config_records.get(SITE)
+        site = record_at(reply.content, SITE, ConfigRecord)
         if site is not None and SITE_EPSILON in site:
             name = str(site.get(SITE_NAME, reply.metadata.src_node_id))
             out[name] = float(site[SITE_EPSILON])  # type: ignore[arg-type]
@@ -117,7 +125,7 @@ def canonical_order(replies: list[Message]) -> list[Message]:
     the order in which replies happened to arrive."""
 
     def key(reply: Message) -> tuple[str, int]:
-        site = reply.content.config_records.get(SITE)
+        site = record_at(reply.content, SITE, ConfigRecord)
         name = str(site.get(SITE_NAME, "")) if site is not None else ""
         return (name.zfill(12) if name.isdigit() else name, reply.metadata.src_node_id)
 

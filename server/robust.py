@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
 from server.validation import update_norm
 from shared.config import Aggregation, RunConfig
-from shared.wire import ARRAYS, numpy_to_record, record_to_numpy
+from shared.wire import ARRAYS, first_record, numpy_to_record, record_to_numpy, record_views
 
 
 def bound_update(
@@ -65,16 +65,19 @@ def weighted_mean(contents: list[RecordDict], weight_key: str) -> ArrayRecord:
 
     The same float operations in the same order as Flower's ``aggregate_arrayrecords``
     (``acc = a_1 * f_1``, then ``acc += a_i * f_i`` in each array's dtype), so the result
-    is bit-identical to Flower's FedAvg; arrays are decoded with
-    :func:`shared.wire.record_to_numpy` (numpy.load's header parse was most of the cost).
+    is bit-identical to Flower's FedAvg; arrays are read as views of the replies' bytes
+    (:func:`shared.wire.record_views`: numpy.load's header parse was most of the cost,
+    and a copy is not needed).
     """
-    weights = [float(next(iter(c.metric_records.values()))[weight_key]) for c in contents]  # type: ignore[arg-type]
+    weights = [float(first_record(c, MetricRecord)[weight_key]) for c in contents]  # type: ignore[arg-type,index]
     total = sum(weights)
     acc: dict[str, np.ndarray] = {}
     for content, weight in zip(contents, weights, strict=True):
         factor = weight / total
-        for record in content.array_records.values():
-            for key, value in record_to_numpy(record).items():
+        for record in content.values():
+            if not isinstance(record, ArrayRecord):
+                continue
+            for key, value in record_views(record).items():
                 if key in acc:
                     acc[key] += value * factor
                 else:

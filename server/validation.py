@@ -16,9 +16,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
-from shared.wire import ARRAYS, NUM_EXAMPLES, SITE, SITE_ROUND, record_to_numpy
+from shared.wire import (
+    ARRAYS,
+    NUM_EXAMPLES,
+    SITE,
+    SITE_ROUND,
+    first_record,
+    record_at,
+    record_views,
+)
 
 
 class Reason(enum.StrEnum):
@@ -84,15 +92,15 @@ def check_reply(
 
     if reply.metadata.run_id != run_id:
         return reject(Reason.STALE, f"run {reply.metadata.run_id}, expected {run_id}")
-    site = reply.content.config_records.get(SITE)
+    site = record_at(reply.content, SITE, ConfigRecord)
     if site is not None and SITE_ROUND in site and site[SITE_ROUND] != server_round:
         return reject(Reason.STALE, f"answers round {site[SITE_ROUND]}, expected {server_round}")
-    record = reply.content.array_records.get(ARRAYS)
-    metrics = next(iter(reply.content.metric_records.values()), None)
+    record = record_at(reply.content, ARRAYS, ArrayRecord)
+    metrics = first_record(reply.content, MetricRecord)
     if record is None or metrics is None:
         return reject(Reason.MALFORMED, f"no {ARRAYS!r} arrays or no metrics")
     try:
-        arrays = record_to_numpy(record)
+        arrays = record_views(record)
     except Exception as exc:  # undecodable bytes from a broken client
         return reject(Reason.MALFORMED, f"arrays cannot be decoded: {exc}")
     return (
