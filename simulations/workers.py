@@ -6,8 +6,8 @@ it), the context kept only when the call succeeds. Guarantees:
 
 * A call is a pure function of ``(message, context)``: it runs with one torch thread (as a
   Ray actor with one CPU does) and starts from global RNG states (``random``, numpy, torch)
-  seeded from (run seed, partition, round, message type), and the caller's RNG states are
-  restored afterwards. So its result does not depend on which worker ran it, on what that
+  seeded from (run seed, partition, round, message type); inline, the caller's RNG states
+  are restored afterwards. So its result does not depend on which worker ran it, on what that
   worker ran before, or on the number of workers.
 * Workers start with the ClientApp imported and warmed up (on Linux they are forked from
   this process after it imported the app, before any other thread starts; elsewhere
@@ -88,8 +88,8 @@ def call_seed(message: Message, context: Context) -> int:
 
 
 @contextmanager
-def _isolated(seed: int):  # type: ignore[no-untyped-def]
-    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+def _isolated(seed: int, *, restore: bool = True):  # type: ignore[no-untyped-def]
+    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if restore else None
     threads = torch.get_num_threads()
     random.seed(seed)
     np.random.seed(seed)
@@ -99,9 +99,10 @@ def _isolated(seed: int):  # type: ignore[no-untyped-def]
         yield
     finally:
         torch.set_num_threads(threads)
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
-        torch.set_rng_state(saved[2])
+        if saved is not None:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
 
 
 def error_reply(message: Message, code: int, reason: str) -> Message:
@@ -110,15 +111,18 @@ def error_reply(message: Message, code: int, reason: str) -> Message:
 
 
 def call_site(
-    app: ClientAppFn, message: Message, context: Context
+    app: ClientAppFn, message: Message, context: Context, *, restore_rngs: bool = True
 ) -> tuple[Message, Context | None]:
     """Run one ClientApp call; an exception becomes an error reply and drops the context.
+
+    ``restore_rngs=False`` leaves the global RNGs as the call left them (a worker
+    process, whose every call seeds them afresh, has no one to restore them for).
 
     The error reason is the one Flower's Simulation Engine gives (the Ray actor wraps the
     exception in ``ClientAppException``), so ``failures`` read the same on both backends.
     """
     try:
-        with _isolated(call_seed(message, context)):
+        with _isolated(call_seed(message, context), restore=restore_rngs):
             reply = app(message, context)
     except Exception as exc:  # noqa: BLE001 - a site's failure is reported, never raised
         wrapped = ClientAppException(str(exc))
@@ -178,9 +182,9 @@ class InlineSites:
 #: A worker's ``running`` slot when it runs no call.
 _IDLE = -1
 
-#: Bytes of pipe buffer asked for per worker reply pipe (Linux: up to
-#: /proc/sys/fs/pipe-max-size, 1 MiB by default): a few model-sized replies fit, so a
-#: worker rarely waits for the parent to read before it takes its next call.
+#: Bytes of pipe buffer asked for the call queue and each worker's reply pipe (Linux: up
+#: to /proc/sys/fs/pipe-max-size, 1 MiB by default): a few model-sized messages fit, so a
+#: worker rarely waits for the other end to be scheduled.
 _PIPE_BUFFER = 1 << 20
 
 
@@ -193,8 +197,8 @@ def _widen(fd: int) -> None:
 def _serve(tasks: Any, conn: Connection, running: Any, app_ref: str, log_level: int,
            preload: WarmUp | None) -> None:  # fmt: skip
     """A worker: import the ClientApp once, then take calls (pickled ``(sequence number,
-    message, context)``) off the shared queue and answer them until it takes a None. ``running`` names the call in progress (for the
-    parent, should this process die in it)."""
+    message, context)``) off the shared queue and answer them until it takes a None.
+    ``running`` names the call in progress (for the parent, should this process die)."""
     logging.getLogger("flwr").setLevel(log_level)
     torch.set_num_threads(1)
     threadpool_limits(limits=1)  # BLAS and OpenMP: one worker, one core
@@ -211,7 +215,7 @@ def _serve(tasks: Any, conn: Connection, running: Any, app_ref: str, log_level: 
         while (task := tasks.get()) is not None:
             seq, message, context = pickle.loads(task)
             running.value = seq
-            conn.send((_DONE, (seq, *call_site(app, message, context))))
+            conn.send((_DONE, (seq, *call_site(app, message, context, restore_rngs=False))))
             running.value = _IDLE
     except (EOFError, KeyboardInterrupt, BrokenPipeError):
         return
@@ -261,6 +265,9 @@ class SitePool:
         self._log_level = logging.INFO if verbose else logging.WARNING
         # Spawn-context locks: usable by forked workers and by spawned replacements.
         self._tasks: Any = self._respawn_ctx.Queue()
+        # Its pipe (64 KiB by default) would hold a third of one call: a worker would wait
+        # for the queue's feeder thread to be scheduled for every piece of the next call.
+        _widen(self._tasks._writer.fileno())
         self._pending: dict[int, tuple[str, Message]] = {}  # sequence number -> call
         self._next_seq = 0
         self._done: list[Done] = []
