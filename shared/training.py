@@ -105,9 +105,11 @@ def _plain_sgd_step(optimizer: torch.optim.Optimizer) -> Callable[[], None] | No
     """
     from torch.optim import optimizer as optim_module
 
+    if type(optimizer) is not torch.optim.SGD:  # DP-SGD's optimizers wrap one: never here
+        return None
     hooks = (optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks,
              optim_module._global_optimizer_pre_hooks, optim_module._global_optimizer_post_hooks)
-    if type(optimizer) is not torch.optim.SGD or any(hooks):
+    if any(hooks):
         return None
     groups = optimizer.param_groups
     for group in groups:
@@ -143,21 +145,31 @@ def train(
     An empty batch is skipped unless ``step_on_empty``: DP-SGD with Poisson
     sampling must take its (noise-only) step on an empty batch too, or the skip
     itself would reveal that no example was sampled. Returns NaN when no batch
-    had examples.
+    had examples. Torch's plain SGD steps through :func:`_plain_sgd_step` (the same
+    weights, bit for bit).
     """
     model.train()
-    criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
+    criterion = criterion if criterion is not None else nn.functional.cross_entropy
     losses: list[float] = []
+    step = _plain_sgd_step(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     for _ in range(epochs):
         for x, y in loader:
             if len(y) == 0 and not step_on_empty:
                 continue
-            optimizer.zero_grad(set_to_none=True)
+            if step is None:
+                optimizer.zero_grad(set_to_none=True)
+            else:  # what zero_grad(set_to_none=True) does, without its profiling hook
+                for param in params:
+                    param.grad = None
             loss = criterion(model(x), y)
             loss.backward()
-            optimizer.step()
+            if step is None:
+                optimizer.step()
+            else:
+                step()
             if len(y):
-                losses.append(float(loss.detach()))
+                losses.append(loss.item())
     return float(np.mean(losses)) if losses else float("nan")
 
 

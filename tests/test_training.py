@@ -93,3 +93,14 @@ def test_train_gives_the_weights_of_torchs_sgd_step_bit_for_bit(kwargs, hook):
     (loss, ours), (ref_loss, ref) = _sgd_runs(kwargs, hook)
     assert loss == ref_loss
     assert all(torch.equal(a, b) for a, b in zip(ours, ref, strict=True))
+
+
+def test_an_optimizer_that_is_not_torchs_sgd_takes_its_own_step():
+    from shared.training import _plain_sgd_step
+
+    class Wrapped:  # what a DP optimizer looks like from here: a wrapper, not an SGD
+        param_groups: list = []
+
+    assert _plain_sgd_step(Wrapped()) is None  # type: ignore[arg-type]
+    adam = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    assert _plain_sgd_step(adam) is None
