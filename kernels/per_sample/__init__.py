@@ -11,7 +11,7 @@ from .bookkeeping import BookKeepingClipper, LossReduction, PerSampleUsageError
 from .clip import clip_factors, per_sample_sq_norms, weighted_sum
 from .conv import conv_per_sample_grads, use_im2col
 from .embedding import embedding_clipped_sum, embedding_sq_norms
-from .group_norm import group_norm_per_sample_grads
+from .group_norm import group_norm_fused_backward, group_norm_per_sample_grads
 from .layers import RULES, UnsupportedLayerError, supported_layer_names
 from .linear import linear_clipped_sum, linear_sq_norms
 from .reference import (
@@ -37,6 +37,7 @@ __all__ = [
     "conv_per_sample_grads",
     "embedding_clipped_sum",
     "embedding_sq_norms",
+    "group_norm_fused_backward",
     "group_norm_per_sample_grads",
     "linear_clipped_sum",
     "linear_sq_norms",

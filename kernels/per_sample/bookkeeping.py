@@ -5,6 +5,11 @@
 * forward: every supported layer runs with *detached aliases* of its trainable
   parameters, so autograd never computes (or writes) the non-private parameter
   gradient; the layer input is kept and the output gets a gradient tap;
+* fused layers (``rule.fuses_backward``: GroupNorm whose input needs a gradient): the
+  engine takes over the layer's backward, and one kernel call gives the input gradient
+  and the per-sample grads (the layer's own autograd node is dropped unused). Such a
+  layer runs on a contiguous copy of a channels-last input (its output is handed back in
+  the caller's layout; its input gradient comes back contiguous);
 * backward: each tap turns ``(input, grad_output)`` into squared per-sample norms
   (see :mod:`kernels.per_sample.layers`), and a callback queued on the autograd engine
   runs once the whole backward pass is done: it forms Opacus' clip factors
@@ -38,7 +43,7 @@ from torch import nn
 
 from .clip import clip_factors_from_norms
 from .layers import RULES, UnsupportedLayerError, supported_layer_names
-from .workspace import Workspace, warm_heap
+from .workspace import Workspace, relayout_copy, warm_heap
 
 
 class LossReduction(StrEnum):
@@ -60,6 +65,7 @@ class _Layer:
     names: tuple[str, ...]
     saved: dict[str, nn.Parameter] = field(default_factory=dict)
     ws: Workspace = field(default_factory=Workspace)  # scratch reused across steps
+    relaid: torch.Tensor | None = None  # the caller's input, if the layer ran on a copy
 
 
 @dataclass
@@ -68,6 +74,7 @@ class _Entry:
     x: torch.Tensor | None
     out: torch.Tensor | None = None
     out_version: int = -1
+    stats: Any = None
     sq: torch.Tensor | None = None
     state: Any = None
 
@@ -98,6 +105,37 @@ class _Attach(torch.autograd.Function):
     def backward(ctx, grad):
         ctx.callback(grad)
         return None, None, None
+
+
+class _Fused(torch.autograd.Function):
+    """Takes over a layer's backward: in place of the layer's own autograd node (dropped,
+    never run), the rule computes the input gradient together with the per-sample norms.
+
+    The output is returned as the same tensor, marked dirty (as in :class:`_Attach`).
+    """
+
+    @staticmethod
+    def forward(ctx, out, x, backward):  # noqa: ARG004 - x only links the graph
+        ctx.backward = backward
+        ctx.mark_dirty(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, ctx.backward(grad), None
+
+
+class _Contiguous(torch.autograd.Function):
+    """``x.contiguous()`` by :func:`~kernels.per_sample.workspace.relayout_copy` (faster on
+    CPU); the gradient passes through unchanged."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return relayout_copy(torch.empty(x.shape, dtype=x.dtype, device=x.device), x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
 
 
 def _trainable_layers(model: nn.Module) -> list[_Layer]:
@@ -180,13 +218,21 @@ class BookKeepingClipper:
         if torch.is_grad_enabled():
             self._record = _Record()
 
-    def _swap_in(self, layer: _Layer, module, args) -> None:
+    def _swap_in(self, layer: _Layer, module, args):
         if not torch.is_grad_enabled():
-            return
+            return None
         for n in layer.names:
             p = module._parameters[n]
             layer.saved[n] = p
             module._parameters[n] = p.detach()
+        x = args[0] if args else None
+        if (layer.rule.fuses_backward and isinstance(x, torch.Tensor) and x.requires_grad
+                and not x.is_contiguous()):
+            # The fused backward needs a contiguous input; the layer then runs on the copy
+            # (whose autograd node is dropped with the layer's own in _capture).
+            layer.relaid = x
+            return (_Contiguous.apply(x), *args[1:])
+        return None
 
     def _restore(self, layer: _Layer) -> None:
         for n, p in layer.saved.items():
@@ -194,7 +240,7 @@ class BookKeepingClipper:
         layer.saved.clear()
 
     def _capture(self, layer: _Layer, module, args, output):
-        swapped = bool(layer.saved)
+        swapped, relaid, layer.relaid = bool(layer.saved), layer.relaid, None
         self._restore(layer)
         if not swapped:
             return None
@@ -209,19 +255,36 @@ class BookKeepingClipper:
         entry = _Entry(layer, x)
         record.entries[layer.name] = entry
         record.batch_size = x.shape[0] if record.batch_size is None else record.batch_size
-        callback = partial(self._on_grad, record, entry)
+        if layer.rule.fuses_backward and args[0].requires_grad and x.shape[0] > 0:
+            entry.stats = layer.rule.saved_stats(output)
+            if entry.stats is not None:
+                return self._fuse(entry, record, output, relaid if relaid is not None else args[0])
         result = None
+        if relaid is not None:  # not fused after all: hand back the caller's layout
+            result = output = torch.empty_like(relaid).copy_(output)
+        callback = partial(self._on_grad, record, entry)
         if output.requires_grad:
             output.register_hook(callback)
         else:
             result = output = _Attach.apply(output, module._parameters[layer.names[0]], callback)
         if layer.rule.keeps_output:  # after _Attach: it bumps the version counter
             entry.out, entry.out_version = output.detach(), output._version
+            entry.stats = layer.rule.saved_stats(output)
         return result
+
+    def _fuse(self, entry: _Entry, record: _Record, output: torch.Tensor,
+              x: torch.Tensor) -> torch.Tensor:
+        """Route the layer's backward through :meth:`_on_fused_grad`; the output (and so the
+        input gradient) keeps the layout of the caller's input ``x``."""
+        out = output.detach()
+        if out.stride() != x.stride():
+            out = relayout_copy(torch.empty_like(x), out)
+        return _Fused.apply(out, x, partial(self._on_fused_grad, record, entry))
 
     # -- backward ---------------------------------------------------------------------------
 
-    def _on_grad(self, record: _Record, entry: _Entry, grad: torch.Tensor) -> None:
+    def _start(self, record: _Record) -> None:
+        """Check that ``record`` is the live step; queue its finalisation once."""
         if record is not self._record or record.done:
             raise PerSampleUsageError(
                 "backward through a forward pass that was already used (or superseded); "
@@ -231,14 +294,26 @@ class BookKeepingClipper:
             record.queued = True
             torch.autograd.Variable._execution_engine.queue_callback(
                 partial(self._finalize, record))
+
+    def _on_fused_grad(self, record: _Record, entry: _Entry,
+                       grad: torch.Tensor) -> torch.Tensor:
+        self._start(record)
+        layer = entry.layer
+        dx, entry.sq, entry.state = layer.rule.fused_backward(layer.module, entry.x, grad,
+                                                              entry.stats, layer.ws)
+        entry.x = entry.stats = None
+        return dx
+
+    def _on_grad(self, record: _Record, entry: _Entry, grad: torch.Tensor) -> None:
+        self._start(record)
         layer = entry.layer
         if entry.out is None:
             entry.sq, entry.state = layer.rule.norms(layer.module, entry.x, grad, layer.ws)
         else:  # the output may have been modified in place since: then do not use it
             out = entry.out if entry.out._version == entry.out_version else None
             entry.sq, entry.state = layer.rule.norms(layer.module, entry.x, grad, layer.ws,
-                                                     y=out)
-        entry.x = entry.out = None
+                                                     y=out, stats=entry.stats)
+        entry.x = entry.out = entry.stats = None
 
     def _finalize(self, record: _Record) -> None:
         record.done = True

@@ -18,7 +18,7 @@ from torch import nn
 from .clip import per_sample_sq_norms, weighted_sum
 from .conv import conv_per_sample_grads
 from .embedding import embedding_clipped_sum, embedding_sq_norms
-from .group_norm import group_norm_per_sample_grads
+from .group_norm import group_norm_fused_backward, group_norm_per_sample_grads
 from .linear import linear_clipped_sum, linear_sq_norms
 from .workspace import Workspace
 
@@ -51,8 +51,17 @@ def _sq_of(state: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
 class _Rule:
     """Defaults: any configuration is supported; the layer output is not kept."""
 
-    #: Ask the engine to keep the (unmodified) layer output for :meth:`norms` (``y=``).
+    #: Ask the engine to keep the (unmodified) layer output for :meth:`norms` (``y=``), and
+    #: what :meth:`saved_stats` finds in its autograd node (``stats=``).
     keeps_output = False
+    #: The rule can take over the layer's backward (:meth:`fused_backward`): the input
+    #: gradient and the per-sample norms from one computation. Needs :meth:`saved_stats`.
+    fuses_backward = False
+
+    @staticmethod
+    def saved_stats(output: torch.Tensor) -> Any:
+        """Tensors the layer's forward saved for its backward that :meth:`norms` can reuse."""
+        return None
 
     @staticmethod
     def check(module: nn.Module) -> None:
@@ -124,15 +133,38 @@ class ConvRule(_Rule):
 class GroupNormRule(_Rule):
     """``nn.GroupNorm`` (affine): per-sample grads are ``(B, C)``, cheap to hold."""
 
-    #: The (unmodified) output enables the fast output path.
+    #: The saved statistics enable the folded path (contiguous input), the (unmodified)
+    #: output the output path (channels-last input).
     keeps_output = True
+    fuses_backward = True
+
+    @staticmethod
+    def saved_stats(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(mean, rstd)`` saved by ``native_group_norm`` for its backward, if it ran
+        (detached: holding them does not keep that autograd node alive)."""
+        fn = output.grad_fn
+        if fn is None or fn.name() != "NativeGroupNormBackward0":
+            return None
+        return fn._saved_result1.detach(), fn._saved_result2.detach()
+
+    @staticmethod
+    def fused_backward(module: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor, stats,
+                       ws: Workspace | None = None):
+        """``(dx, sq, state)``: the layer's input gradient and its per-sample norms and
+        grads from one folded ``native_group_norm_backward`` call."""
+        dx, gw, gb = group_norm_fused_backward(x, g, module.num_groups, stats, module.weight,
+                                               workspace=ws)
+        state = (gw if _trainable(module, "weight") else None,
+                 gb if _trainable(module, "bias") else None)
+        return dx, _sq_of(state), state
 
     @staticmethod
     def norms(module: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor,
-              ws: Workspace | None = None, y: torch.Tensor | None = None):
+              ws: Workspace | None = None, y: torch.Tensor | None = None,
+              stats: tuple[torch.Tensor, torch.Tensor] | None = None):
         gw, gb = group_norm_per_sample_grads(x, g, module.num_groups, module.eps, y=y,
                                              weight=module.weight, bias=module.bias,
-                                             workspace=ws)
+                                             workspace=ws, stats=stats)
         state = (gw if _trainable(module, "weight") else None,
                  gb if _trainable(module, "bias") else None)
         return _sq_of(state), state

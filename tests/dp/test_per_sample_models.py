@@ -192,3 +192,68 @@ def test_remove_restores_plain_autograd_and_no_grad_forward_is_untouched():
     model.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
     assert max(p.grad.norm() for p in model.parameters()) > 1e-2
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_group_norm_backward_keeps_input_gradients_and_is_used(channels_last,
+                                                                     monkeypatch):
+    """GroupNorm layers whose input needs a gradient run their backward through the engine
+    (one folded kernel for the input gradient and the per-sample grads): the gradient that
+    reaches the model input must equal plain autograd's, and the clipped sums the oracle's."""
+    model = _model("cnn2d", torch.float64)
+    x, y = _batch("cnn2d", 5, torch.float64)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    (plain,) = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+    fused = []
+    real = BookKeepingClipper._on_fused_grad
+    monkeypatch.setattr(BookKeepingClipper, "_on_fused_grad",
+                        lambda self, *a: fused.append(1) or real(self, *a))
+    psg = _oracle_per_sample(model, x.detach(), y)
+    clipper = BookKeepingClipper(model, 0.5)
+    F.cross_entropy(model(x), y).backward()
+    clipper.remove()
+    assert len(fused) == 2  # both GroupNorm layers
+    torch.testing.assert_close(x.grad, plain, rtol=1e-10, atol=1e-12)
+    _assert_sums_close([p.grad for p in model.parameters()], reference_clipped_sum(psg, 0.5),
+                       1e-5)
+
+
+class _NormFirst(nn.Module):
+    """GroupNorm on the raw input (no gradient needed there: not fused), then on a
+    channels-last conv output with an in-place ReLU (fused, relaid out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm0 = nn.GroupNorm(1, 2)
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.norm1 = nn.GroupNorm(2, 4)
+        self.head = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x):
+        h = torch.relu_(self.norm1(self.conv(self.norm0(x))))
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_on_the_input_and_inplace_relu_after_fused_norm(channels_last):
+    torch.manual_seed(4)
+    model = _NormFirst().double()
+    for m in (model.norm0, model.norm1):
+        m.weight.data.uniform_(0.5, 1.5)
+        m.bias.data.uniform_(-1, 1)
+    x = torch.randn(6, 2, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    # Oracle in NCHW: torch 2.13's channels-last GroupNorm backward crashes on some
+    # one-sample channels-last inputs (a PyTorch bug; the engine never runs it).
+    psg = _oracle_per_sample(model, x, y)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    norms = torch.cat([g.reshape(6, -1) for g in psg], 1).norm(dim=1)
+    c = float(norms.median())
+    got, clipper = _engine_sum(model, x, y, c)
+    torch.testing.assert_close(clipper.per_sample_norms, norms, rtol=1e-9, atol=0)
+    _assert_sums_close(got, reference_clipped_sum(psg, c), 1e-5)

@@ -9,6 +9,7 @@ from kernels.per_sample import (
     conv_per_sample_grads,
     embedding_clipped_sum,
     embedding_sq_norms,
+    group_norm_fused_backward,
     group_norm_per_sample_grads,
     linear_clipped_sum,
     linear_sq_norms,
@@ -23,7 +24,7 @@ from kernels.per_sample import (
 )
 from kernels.per_sample import conv as conv_module
 from kernels.per_sample import group_norm as group_norm_module
-from kernels.per_sample.workspace import Workspace
+from kernels.per_sample.workspace import Workspace, relayout_copy
 
 DT = torch.float64
 
@@ -154,6 +155,84 @@ def test_group_norm_both_paths(shape, groups, affine, min_numel, monkeypatch):
         gw, gb = group_norm_per_sample_grads(x, g, groups, 1e-5, **kwargs)
         _close(gw, rw, 1e-9)
         _close(gb, rb)
+
+
+def _group_norm_case(shape, groups, channels_last, seed=0):
+    """x (requires grad), weight, bias, output, upstream gradient and the saved stats."""
+    torch.manual_seed(seed + len(shape))
+    x = torch.randn(shape, dtype=DT) * 3 + 1
+    g = torch.randn(shape, dtype=DT)
+    if channels_last:
+        x, g = (t.contiguous(memory_format=torch.channels_last) for t in (x, g))
+    x.requires_grad_(True)
+    w, bias = torch.rand(shape[1], dtype=DT) + 0.5, torch.randn(shape[1], dtype=DT)
+    y = F.group_norm(x, groups, w, bias, 1e-5)
+    stats = (y.grad_fn._saved_result1.detach(), y.grad_fn._saved_result2.detach())
+    return x, w, bias, y, g, stats
+
+
+GN_SHAPES = [((1, 6, 5, 3), 3), ((5, 8, 7, 3), 2), ((4, 5, 7), 5), ((3, 4), 2), ((2, 6, 4, 4), 6)]
+
+
+@pytest.mark.parametrize("shape,groups", GN_SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_fused_backward_gives_autograd_dx_and_per_sample_grads(shape, groups,
+                                                                          channels_last):
+    """The folded kernel call (batch folded into channels) returns the layer's own input
+    gradient and the one-sample-at-a-time affine gradients, for NCHW and channels-last."""
+    channels_last = channels_last and len(shape) == 4
+    x, w, _, y, g, stats = _group_norm_case(shape, groups, channels_last)
+    (dx_ref,) = torch.autograd.grad(y, x, g)
+    rw, rb = reference_group_norm_per_sample_grads(x.detach().contiguous(), g.contiguous(),
+                                                   groups, 1e-5)
+    ws = Workspace()
+    for _ in range(2):  # the second call reuses the workspace's relayout buffers
+        dx, gw, gb = group_norm_fused_backward(x.detach(), g, groups, stats, w, workspace=ws)
+        _close(dx, dx_ref)
+        _close(gw, rw)
+        _close(gb, rb)
+        assert dx.is_contiguous()
+    # No affine weight: dx of F.group_norm without weight.
+    y0 = F.group_norm(x, groups, None, None, 1e-5)
+    (dx0,) = torch.autograd.grad(y0, x, g)
+    _close(group_norm_fused_backward(x.detach(), g, groups, stats, None)[0], dx0)
+
+
+@pytest.mark.parametrize("shape,groups", GN_SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_folded_path_from_saved_stats(shape, groups, channels_last, monkeypatch):
+    """With saved stats a contiguous input takes the folded path (no output, no division by
+    w: exact even for a zero weight); a channels-last one falls back to the other paths."""
+    channels_last = channels_last and len(shape) == 4
+    x, _, _, _, g, stats = _group_norm_case(shape, groups, channels_last, seed=1)
+    calls = []
+    real = group_norm_module._folded_grads
+    monkeypatch.setattr(group_norm_module, "_folded_grads",
+                        lambda *a: calls.append(1) or real(*a))
+    zero_w = torch.zeros(shape[1], dtype=DT)
+    gw, gb = group_norm_per_sample_grads(x.detach(), g, groups, 1e-5, stats=stats,
+                                         weight=zero_w, bias=zero_w)
+    rw, rb = reference_group_norm_per_sample_grads(x.detach().contiguous(), g.contiguous(),
+                                                   groups, 1e-5)
+    _close(gw, rw)
+    _close(gb, rb)
+    assert len(calls) == (0 if channels_last else 1)
+    wrong = tuple(t[:, :1] for t in stats)  # stats of another grouping are not used
+    gw, _ = group_norm_per_sample_grads(x.detach(), g, groups, 1e-5, stats=wrong)
+    _close(gw, rw)
+    assert len(calls) == (0 if channels_last else 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int32, torch.bfloat16])
+def test_relayout_copy_matches_copy_in_both_directions(dtype):
+    src = (torch.randn(3, 5, 4, 7) * 100).to(dtype)
+    for a, b in ((src, src.contiguous(memory_format=torch.channels_last)),
+                 (src.contiguous(memory_format=torch.channels_last), src)):
+        dst = torch.empty_like(b)
+        assert relayout_copy(dst, a) is dst
+        assert torch.equal(dst, a) and dst.stride() == b.stride()
+    x = torch.randn(2, 3, requires_grad=True)
+    assert torch.equal(relayout_copy(torch.empty(2, 3), x), x.detach())
 
 
 @pytest.mark.parametrize("w,b,ok", [
