@@ -5,8 +5,11 @@
 Same model, same batch (fixed tensors, no data loading), one process: time per training
 step (``zero_grad``, forward, loss, ``backward``, ``step``) of
 
-* ``nonprivate``: plain SGD, the faster of NCHW and channels-last (max-pool is slow in
-  NCHW on CPU; a ratio against a slow baseline flatters);
+* ``nonprivate``: plain SGD, the fastest of NCHW, channels-last (max-pool is slow in
+  NCHW on CPU; a ratio against a slow baseline flatters) and channels-last with every
+  GroupNorm run on NCHW copies, moving data exactly as privfed's engine does (its fused
+  GroupNorm backward works on NCHW): PyTorch's channels-last GroupNorm is ~5x slower than
+  NCHW on CPU, so privfed must not be credited for a relayout the baseline could make too;
 * ``opacus_hooks`` / ``opacus_ghost``: Opacus 1.6 through :func:`client.dpsgd.make_private_round`
   (NCHW: Opacus' conv grad sampler is wrong for channels-last inputs);
 * ``privfed``: the book-keeping engine, the faster of NCHW and channels-last;
@@ -17,8 +20,9 @@ JSON: ``kernels.gaussian_noise`` vs ``torch.normal``, 1 thread, interleaved medi
 
 All private modes use ``torch.normal`` noise (as Opacus outside secure mode) unless named
 ``_csprng``. Modes are interleaved round by round, so machine load hits them alike; each
-``_ms`` figure is the median over rounds of the mean step time within a round, and each
-ratio the median over rounds of (mode / ``nonprivate``) within the same round. With one
+``_ms`` figure is the median over rounds of the mean step time within a round (the
+fastest variant; ``<mode>_variant`` names it), and each ratio the median over rounds of
+(mode / ``nonprivate``) within the same round. With one
 thread the clock is the thread's CPU time (a shared machine's load does not count; the
 step's own page faults do), with all threads wall time. The last stdout line is JSON.
 """
@@ -35,12 +39,14 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import TensorDataset
 
 from benchmarks._common import paired_medians
 from client.dpsgd import ClippingMode, default_noise_fn, make_private_round, torch_noise_fn
 from kernels.keys import MaskKey
 from kernels.noise import gaussian_noise
+from kernels.per_sample.workspace import relayout_copy
 from shared.models import DEFAULT_SPECS, get_model
 
 BATCH = 64
@@ -62,8 +68,47 @@ def _model(name: str, channels_last: bool):
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def _nonprivate_step(name: str, channels_last: bool) -> Callable[[], None]:
+class _ToContiguous(torch.autograd.Function):
+    """NCHW copy of a channels-last tensor; the gradient passes through (stays NCHW)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return relayout_copy(torch.empty(x.shape, dtype=x.dtype), x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _ToLayoutOf(torch.autograd.Function):
+    """Copy of ``y`` in ``like``'s layout; the gradient comes back as an NCHW copy."""
+
+    @staticmethod
+    def forward(ctx, y, like):
+        return relayout_copy(torch.empty_like(like), y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return relayout_copy(torch.empty(grad.shape, dtype=grad.dtype), grad), None
+
+
+def _group_norm_on_nchw(model: nn.Module) -> None:
+    """Run every GroupNorm of ``model`` on NCHW copies of channels-last inputs (see above)."""
+    for m in model.modules():
+        if isinstance(m, nn.GroupNorm):
+            def forward(x: torch.Tensor, m: nn.GroupNorm = m) -> torch.Tensor:
+                if x.is_contiguous():
+                    return F.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)
+                y = F.group_norm(_ToContiguous.apply(x), m.num_groups, m.weight, m.bias, m.eps)
+                return _ToLayoutOf.apply(y, x)
+            m.forward = forward
+
+
+def _nonprivate_step(name: str, channels_last: bool,
+                     gn_nchw: bool = False) -> Callable[[], None]:
     model, (x, y) = _model(name, channels_last), _batch(name, channels_last)
+    if gn_nchw:
+        _group_norm_on_nchw(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
     def step() -> None:
@@ -91,15 +136,21 @@ def _private_step(name: str, mode: ClippingMode, channels_last: bool,
     return step
 
 
-def _candidates(name: str) -> dict[str, list[Callable[[], None]]]:
-    """Mode -> step functions to take the fastest of (layout variants)."""
-    layouts = [False, True] if len(DEFAULT_SPECS[name].shape) == 3 else [False]
+def _candidates(name: str) -> dict[str, dict[str, Callable[[], None]]]:
+    """Mode -> {variant: step function}, to take the fastest variant of."""
+    images = len(DEFAULT_SPECS[name].shape) == 3
+    layouts = {"nchw": False, "channels_last": True} if images else {"nchw": False}
+    nonprivate = {k: _nonprivate_step(name, cl) for k, cl in layouts.items()}
+    if images:
+        nonprivate["channels_last+gn_nchw"] = _nonprivate_step(name, True, gn_nchw=True)
+    last = list(layouts)[-1]
     return {
-        "nonprivate": [_nonprivate_step(name, cl) for cl in layouts],
-        "opacus_hooks": [_private_step(name, ClippingMode.HOOKS, False)],
-        "opacus_ghost": [_private_step(name, ClippingMode.GHOST, False)],
-        "privfed": [_private_step(name, ClippingMode.PRIVFED, cl) for cl in layouts],
-        "privfed_csprng": [_private_step(name, ClippingMode.PRIVFED, layouts[-1], csprng=True)],
+        "nonprivate": nonprivate,
+        "opacus_hooks": {"nchw": _private_step(name, ClippingMode.HOOKS, False)},
+        "opacus_ghost": {"nchw": _private_step(name, ClippingMode.GHOST, False)},
+        "privfed": {k: _private_step(name, ClippingMode.PRIVFED, cl) for k, cl in layouts.items()},
+        "privfed_csprng": {last: _private_step(name, ClippingMode.PRIVFED, layouts[last],
+                                               csprng=True)},
     }
 
 
@@ -109,37 +160,40 @@ def _clock(threads: int) -> Callable[[], float]:
     return time.thread_time if threads == 1 else time.perf_counter
 
 
-def _measure(steps: dict[str, list[Callable[[], None]]], rounds: int, inner: int,
-             clock: Callable[[], float]) -> tuple[dict[str, float], dict[str, float]]:
-    """Median ms/step per mode (fastest variant), and the median over rounds of each mode's
-    time over the non-private time of the same round (paired, so load drift cancels)."""
-    flat = [(mode, i, f) for mode, fs in steps.items() for i, f in enumerate(fs)]
+def _measure(steps: dict[str, dict[str, Callable[[], None]]], rounds: int, inner: int,
+             clock: Callable[[], float]) -> tuple[dict[str, float], dict[str, float],
+                                                  dict[str, str]]:
+    """Median ms/step per mode (fastest variant), the median over rounds of each mode's
+    time over the non-private time of the same round (paired, so load drift cancels), and
+    each mode's fastest variant."""
+    flat = [(mode, i, f) for mode, fs in steps.items() for i, f in fs.items()]
     for _, _, f in flat:
         for _ in range(3):
             f()
-    times: dict[tuple[str, int], list[float]] = {(m, i): [] for m, i, _ in flat}
+    times: dict[tuple[str, str], list[float]] = {(m, i): [] for m, i, _ in flat}
     for _ in range(rounds):
         for mode, i, f in flat:
             t0 = clock()
             for _ in range(inner):
                 f()
             times[(mode, i)].append((clock() - t0) / inner * 1e3)
-    best = {mode: min(range(len(fs)), key=lambda i, m=mode: statistics.median(times[(m, i)]))
+    best = {mode: min(fs, key=lambda i, m=mode: statistics.median(times[(m, i)]))
             for mode, fs in steps.items()}
     ms = {mode: statistics.median(times[(mode, i)]) for mode, i in best.items()}
     base = times[("nonprivate", best["nonprivate"])]
     ratios = {mode: statistics.median(t / b for t, b in zip(times[(mode, i)], base, strict=True))
               for mode, i in best.items()}
-    return ms, ratios
+    return ms, ratios, best
 
 
-def run_one(name: str, threads: int, rounds: int, inner: int) -> dict[str, float]:
+def run_one(name: str, threads: int, rounds: int, inner: int) -> dict[str, float | str]:
     """Median ms/step per mode and paired ratios over non-private (model, thread count)."""
     torch.set_num_threads(threads)
-    ms, ratios = _measure(_candidates(name), rounds, inner, _clock(threads))
+    ms, ratios, best = _measure(_candidates(name), rounds, inner, _clock(threads))
     res = {f"{m}_ms": round(v, 3) for m, v in ms.items()}
     for mode in ("privfed", "privfed_csprng", "opacus_hooks", "opacus_ghost"):
         res[f"{mode}_ratio"] = round(ratios[mode], 3)
+    res.update({f"{m}_variant": v for m, v in best.items() if m in ("nonprivate", "privfed")})
     res["clock"] = "thread_cpu" if threads == 1 else "wall"
     return res
 

@@ -21,6 +21,7 @@ def _restore_threads():
 @pytest.mark.filterwarnings("ignore")
 def test_run_one_reports_every_mode_and_ratio():
     res = run_one("cnn1d", threads=1, rounds=1, inner=1)
+    assert res["nonprivate_variant"] == res["privfed_variant"] == "nchw"
     for mode in ("nonprivate", "opacus_hooks", "opacus_ghost", "privfed", "privfed_csprng"):
         assert res[f"{mode}_ms"] > 0
     for mode in ("opacus_hooks", "opacus_ghost", "privfed", "privfed_csprng"):
@@ -33,3 +34,21 @@ def test_run_one_reports_every_mode_and_ratio():
 def test_noise_timings_keys():
     out = noise_timings(1001, repeat=3)
     assert out["params"] == 1001 and out["chacha20_gaussian_ms"] > 0 and out["torch_normal_ms"] > 0
+
+
+def test_group_norm_on_nchw_baseline_computes_the_same_gradients():
+    """The non-private 'channels_last+gn_nchw' variant only moves data: same loss and
+    parameter gradients as the stock channels-last model."""
+    from benchmarks.dpsgd import _batch, _group_norm_on_nchw, _model
+
+    grads = []
+    for relaid in (False, True):
+        model, (x, y) = _model("cnn2d", True), _batch("cnn2d", True)
+        model = model.double()
+        x = x.double().contiguous(memory_format=torch.channels_last)
+        if relaid:
+            _group_norm_on_nchw(model)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
