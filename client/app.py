@@ -16,7 +16,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.data import SiteData, site_data
+from client.data import SiteData, preload_partitions, site_data
 from client.faults import (
     SimulatedCrash,
     SimulatedDropout,
@@ -38,6 +38,7 @@ from shared.wire import (
     ERROR_PRIVACY_BUDGET_EXHAUSTED,
     METRICS,
     NUM_EXAMPLES,
+    NUM_PARTITIONS,
     PARTITION_ID,
     SERVER_ROUND,
     SITE,
@@ -78,6 +79,25 @@ def _model_for(
         model = get_model(config.model.name, data.spec)
     load_into(model, msg.content[ARRAYS])  # type: ignore[arg-type]
     return model
+
+
+def warm_up(config: RunConfig) -> None:
+    """Do once per process what a simulation's first train calls would otherwise pay for:
+    load the run's partitions, build the reusable model and take one SGD step on it (torch
+    sets up its kernels, allocator and autograd on first use: ~13 ms of a worker's first
+    call). Nothing of the step survives: every call overwrites the model's weights, and
+    the global RNG states are put back. DP runs train fresh models: only the data loads.
+    """
+    preload_partitions(config)
+    if config.privacy.enabled:
+        return
+    with torch.random.fork_rng(devices=[]):
+        data = site_data(config, {PARTITION_ID: 0, NUM_PARTITIONS: config.federation.clients})
+        model = _reusable_model(config.model.name, data.spec)
+        batches = Batches(data.train, config.train.batch_size, seed=0, shuffle=True)
+        train(model, batches, make_optimizer(model, config.train), epochs=1)
+        load_into(model, to_record(model.state_dict()))
+        model.zero_grad(set_to_none=True)
 
 
 def _drops_out(config: RunConfig, server_round: int, site_id: int) -> bool:

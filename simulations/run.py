@@ -62,14 +62,14 @@ def run_scenario(
         with MetricsFollower(out_dir / METRICS_FILE, config.federation.rounds, console):
             run_on_ray(flat, config.federation.clients, verbose=verbose, address=ray_address)
     else:
-        from client.data import preload_partitions
+        from client.app import warm_up
         from simulations.inprocess import run_inprocess
         from simulations.workers import default_workers, make_executor
 
         # The pool starts before the progress display's threads do (workers are forked).
         executor = make_executor(default_workers() if workers is None else workers,
                                  verbose=verbose,
-                                 preload=functools.partial(preload_partitions, config))
+                                 preload=functools.partial(warm_up, config))
 
         try:
             with MetricsFollower(out_dir / METRICS_FILE, config.federation.rounds, console):

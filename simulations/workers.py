@@ -254,10 +254,17 @@ class SitePool:
         if start_method is None:
             start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         if start_method == "fork":  # children inherit the imported, warmed-up app
-            load_app(app_ref)
-            warm_up()
-            if preload is not None:
-                preload()  # once, here, for every forked child
+            # On one thread: an OpenMP pool started here would be unusable in the children.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with threadpool_limits(limits=1):
+                    load_app(app_ref)
+                    warm_up()
+                    if preload is not None:
+                        preload()  # once, here, for every forked child
+            finally:
+                torch.set_num_threads(threads)
         self._preload = preload
         self._ctx = mp.get_context(start_method)
         self._respawn_ctx = mp.get_context("spawn")  # threads may run by then
