@@ -227,7 +227,7 @@ class BookKeepingClipper:
             module._parameters[n] = p.detach()
         x = args[0] if args else None
         if (layer.rule.fuses_backward and isinstance(x, torch.Tensor) and x.requires_grad
-                and not x.is_contiguous()):
+                and not x.is_contiguous() and layer.rule.relayout_pays(x)):
             # The fused backward needs a contiguous input; the layer then runs on the copy
             # (whose autograd node is dropped with the layer's own in _capture).
             layer.relaid = x
@@ -255,7 +255,8 @@ class BookKeepingClipper:
         entry = _Entry(layer, x)
         record.entries[layer.name] = entry
         record.batch_size = x.shape[0] if record.batch_size is None else record.batch_size
-        if layer.rule.fuses_backward and args[0].requires_grad and x.shape[0] > 0:
+        if (layer.rule.fuses_backward and args[0].requires_grad and x.shape[0] > 0
+                and x.is_contiguous()):
             entry.stats = layer.rule.saved_stats(output)
             if entry.stats is not None:
                 return self._fuse(entry, record, output, relaid if relaid is not None else args[0])

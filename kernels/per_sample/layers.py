@@ -18,7 +18,11 @@ from torch import nn
 from .clip import per_sample_sq_norms, weighted_sum
 from .conv import conv_per_sample_grads
 from .embedding import embedding_clipped_sum, embedding_sq_norms
-from .group_norm import group_norm_fused_backward, group_norm_per_sample_grads
+from .group_norm import (
+    group_norm_fused_backward,
+    group_norm_per_sample_grads,
+    group_norm_relayout_pays,
+)
 from .linear import linear_clipped_sum, linear_sq_norms
 from .workspace import Workspace
 
@@ -54,9 +58,15 @@ class _Rule:
     #: Ask the engine to keep the (unmodified) layer output for :meth:`norms` (``y=``), and
     #: what :meth:`saved_stats` finds in its autograd node (``stats=``).
     keeps_output = False
-    #: The rule can take over the layer's backward (:meth:`fused_backward`): the input
-    #: gradient and the per-sample norms from one computation. Needs :meth:`saved_stats`.
+    #: The rule can take over the layer's backward (:meth:`fused_backward`) of a contiguous
+    #: input: the input gradient and the per-sample norms from one computation. Needs
+    #: :meth:`saved_stats`; :meth:`relayout_pays` says when to run on a contiguous copy.
     fuses_backward = False
+
+    @staticmethod
+    def relayout_pays(x: torch.Tensor) -> bool:
+        """Whether the layer should run on a contiguous copy of ``x`` (to be fused)."""
+        return False
 
     @staticmethod
     def saved_stats(output: torch.Tensor) -> Any:
@@ -146,6 +156,10 @@ class GroupNormRule(_Rule):
         if fn is None or fn.name() != "NativeGroupNormBackward0":
             return None
         return fn._saved_result1.detach(), fn._saved_result2.detach()
+
+    @staticmethod
+    def relayout_pays(x: torch.Tensor) -> bool:
+        return group_norm_relayout_pays(x)
 
     @staticmethod
     def fused_backward(module: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor, stats,
