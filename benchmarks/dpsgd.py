@@ -6,10 +6,11 @@ Same model, same batch (fixed tensors, no data loading), one process: time per t
 step (``zero_grad``, forward, loss, ``backward``, ``step``) of
 
 * ``nonprivate``: plain SGD, the fastest of NCHW, channels-last (max-pool is slow in
-  NCHW on CPU; a ratio against a slow baseline flatters) and channels-last with every
-  GroupNorm run on NCHW copies, moving data exactly as privfed's engine does (its fused
-  GroupNorm backward works on NCHW): PyTorch's channels-last GroupNorm is ~5x slower than
-  NCHW on CPU, so privfed must not be credited for a relayout the baseline could make too;
+  NCHW on CPU; a ratio against a slow baseline flatters) and channels-last where
+  the GroupNorms that privfed's engine relays out run on NCHW copies, moving data exactly
+  as the engine does (its fused GroupNorm backward works on NCHW): PyTorch's channels-last
+  GroupNorm is up to ~5x slower than NCHW on CPU, so privfed must not be credited for a
+  relayout the baseline could make too;
 * ``opacus_hooks`` / ``opacus_ghost``: Opacus 1.6 through :func:`client.dpsgd.make_private_round`
   (NCHW: Opacus' conv grad sampler is wrong for channels-last inputs);
 * ``privfed``: the book-keeping engine, the faster of NCHW and channels-last;
@@ -46,6 +47,7 @@ from benchmarks._common import paired_medians
 from client.dpsgd import ClippingMode, default_noise_fn, make_private_round, torch_noise_fn
 from kernels.keys import MaskKey
 from kernels.noise import gaussian_noise
+from kernels.per_sample.group_norm import group_norm_relayout_pays
 from kernels.per_sample.workspace import relayout_copy
 from shared.models import DEFAULT_SPECS, get_model
 
@@ -93,11 +95,12 @@ class _ToLayoutOf(torch.autograd.Function):
 
 
 def _group_norm_on_nchw(model: nn.Module) -> None:
-    """Run every GroupNorm of ``model`` on NCHW copies of channels-last inputs (see above)."""
+    """Run ``model``'s GroupNorms on NCHW copies of channels-last inputs where privfed's
+    engine does (:func:`~kernels.per_sample.group_norm.group_norm_relayout_pays`)."""
     for m in model.modules():
         if isinstance(m, nn.GroupNorm):
             def forward(x: torch.Tensor, m: nn.GroupNorm = m) -> torch.Tensor:
-                if x.is_contiguous():
+                if x.is_contiguous() or not group_norm_relayout_pays(x):
                     return F.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)
                 y = F.group_norm(_ToContiguous.apply(x), m.num_groups, m.weight, m.bias, m.eps)
                 return _ToLayoutOf.apply(y, x)
