@@ -22,20 +22,21 @@ it), the context kept only when the call succeeds. Guarantees:
 
 from __future__ import annotations
 
-import fcntl
 import gc
 import importlib
 import logging
+import math
 import multiprocessing as mp
 import os
 import pickle
-import queue
 import random
+import select
+import time
 import zlib
 from collections.abc import Callable
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 import numpy as np
@@ -47,6 +48,7 @@ from threadpoolctl import threadpool_limits
 
 from shared.training import seed_torch
 from shared.wire import PARTITION_ID
+from simulations.callqueue import CallQueue, CallReader, widen
 
 #: The ClientApp a simulation runs (``[tool.flwr.app.components] clientapp``).
 CLIENT_APP = "client.app:app"
@@ -182,23 +184,11 @@ class InlineSites:
 #: A worker's ``running`` slot when it runs no call.
 _IDLE = -1
 
-#: Bytes of pipe buffer asked for the call queue and each worker's reply pipe (Linux: up
-#: to /proc/sys/fs/pipe-max-size, 1 MiB by default): a few model-sized messages fit, so a
-#: worker rarely waits for the other end to be scheduled.
-_PIPE_BUFFER = 1 << 20
-
-
-def _widen(fd: int) -> None:
-    """Ask for a :data:`_PIPE_BUFFER`-byte pipe (best effort; Linux only)."""
-    with suppress(OSError, AttributeError):
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_BUFFER)
-
-
-def _serve(tasks: Any, conn: Connection, running: Any, app_ref: str, log_level: int,
+def _serve(tasks: CallReader, conn: Connection, running: Any, app_ref: str, log_level: int,
            preload: WarmUp | None) -> None:  # fmt: skip
-    """A worker: import the ClientApp once, then take calls (pickled ``(sequence number,
-    message, context)``) off the shared queue and answer them until it takes a None.
-    ``running`` names the call in progress (for the parent, should this process die)."""
+    """A worker: import the ClientApp once, then take calls (``(sequence number, message,
+    context)``) off the shared queue and answer them until it takes a None. ``running``
+    names the call in progress (for the parent, should this process die in it)."""
     logging.getLogger("flwr").setLevel(log_level)
     torch.set_num_threads(1)
     threadpool_limits(limits=1)  # BLAS and OpenMP: one worker, one core
@@ -213,7 +203,7 @@ def _serve(tasks: Any, conn: Connection, running: Any, app_ref: str, log_level: 
             return
         conn.send((_READY, None))
         while (task := tasks.get()) is not None:
-            seq, message, context = pickle.loads(task)
+            seq, message, context = task
             running.value = seq
             conn.send((_DONE, (seq, *call_site(app, message, context, restore_rngs=False))))
             running.value = _IDLE
@@ -239,10 +229,12 @@ class _Worker:
 class SitePool:
     """``size`` worker processes taking calls off one shared queue.
 
-    ``submit`` puts a call on the queue and returns; whichever worker is free takes the
-    next call itself, so a worker never waits for this process to hand it one (on a
-    loaded machine the parent may not be scheduled for milliseconds), and a slow call
-    holds up no other. Each worker answers on a pipe of its own. Create the pool before
+    ``submit`` puts a call on the queue (:class:`simulations.callqueue.CallQueue`: written
+    to the pipe at once as far as it has room, the rest while :meth:`wait` waits) and
+    returns; whichever worker is free takes the next call itself, so a worker never waits
+    for this process to hand it one (on a loaded machine the parent may not be scheduled
+    for milliseconds), and a slow call holds up no other. Each worker answers on a pipe of
+    its own. Create the pool before
     starting threads in this process (forked workers inherit only the creating thread).
     """
 
@@ -270,11 +262,8 @@ class SitePool:
         self._respawn_ctx = mp.get_context("spawn")  # threads may run by then
         self._app_ref = app_ref
         self._log_level = logging.INFO if verbose else logging.WARNING
-        # Spawn-context locks: usable by forked workers and by spawned replacements.
-        self._tasks: Any = self._respawn_ctx.Queue()
-        # Its pipe (64 KiB by default) would hold a third of one call: a worker would wait
-        # for the queue's feeder thread to be scheduled for every piece of the next call.
-        _widen(self._tasks._writer.fileno())
+        # Spawn-context pipe and lock: usable by forked workers and spawned replacements.
+        self._tasks = CallQueue(self._respawn_ctx)
         self._pending: dict[int, tuple[str, Message]] = {}  # sequence number -> call
         self._next_seq = 0
         self._done: list[Done] = []
@@ -288,11 +277,11 @@ class SitePool:
 
     def _spawn(self, ctx: Any) -> _Worker:
         replies, child = ctx.Pipe(duplex=False)
-        _widen(child.fileno())
+        widen(child.fileno())
         running = self._respawn_ctx.RawValue("q", _IDLE)
         preload = None if ctx.get_start_method() == "fork" else self._preload
         process = ctx.Process(target=_serve,
-                              args=(self._tasks, child, running, self._app_ref,
+                              args=(self._tasks.reader, child, running, self._app_ref,
                                     self._log_level, preload),
                               daemon=True, name="privfed-site-worker")  # fmt: skip
         process.start()
@@ -302,20 +291,33 @@ class SitePool:
     def submit(self, task_id: str, message: Message, context: Context) -> None:
         seq, self._next_seq = self._next_seq, self._next_seq + 1
         self._pending[seq] = (task_id, message)
-        # Pickled now (the queue's feeder thread would pickle it later): the call is
-        # what the message and context were at submission.
-        self._tasks.put(pickle.dumps((seq, message, context), protocol=pickle.HIGHEST_PROTOCOL))
+        self._tasks.put((seq, message, context))  # pickled now: the call as submitted
 
     def wait(self, timeout: float | None) -> list[Done]:
-        if not self._done and self._pending:
-            workers = list(self._workers)
-            ready = wait([w.conn for w in workers] + [w.process.sentinel for w in workers],
-                         timeout)  # fmt: skip
-            for worker in workers:
-                if worker.conn in ready or worker.process.sentinel in ready:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._done and self._pending:
+            self._tasks.flush()
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = self._poll(left)
+            for worker in list(self._workers):
+                if worker.conn.fileno() in ready or worker.process.sentinel in ready:
                     self._drain(worker)
+            if left == 0:
+                break
         done, self._done = self._done, []
         return done
+
+    def _poll(self, timeout: float | None) -> set[int]:
+        """The descriptors ready within ``timeout`` s: a worker's replies or exit, or room
+        in the call queue's pipe while calls wait to be written."""
+        poller = select.poll()
+        for worker in self._workers:
+            poller.register(worker.conn.fileno(), select.POLLIN)
+            poller.register(worker.process.sentinel, select.POLLIN)
+        if self._tasks.backlog:
+            poller.register(self._tasks.writer_fd, select.POLLOUT)
+        ms = None if timeout is None else math.ceil(timeout * 1000)
+        return {fd for fd, _ in poller.poll(ms)}
 
     def _drain(self, worker: _Worker) -> None:
         """Take everything ``worker`` sent; if it died, answer its call with an error."""
@@ -352,9 +354,7 @@ class SitePool:
         worker.ready = False
 
     def close(self) -> None:
-        with suppress(queue.Empty, OSError):  # calls nobody waits for: not run
-            while self._pending:
-                self._tasks.get_nowait()
+        self._tasks.discard()  # calls not yet in the pipe: nobody waits for them
         for _ in self._workers:
             self._tasks.put(None)
         for worker in self._workers:
@@ -363,7 +363,6 @@ class SitePool:
                 worker.process.terminate()
                 worker.process.join()
             worker.conn.close()
-        self._tasks.cancel_join_thread()
         self._tasks.close()
 
 
