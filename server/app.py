@@ -145,11 +145,14 @@ def main(grid: Grid, context: Context) -> None:
         model.load_state_dict(from_record(arrays))
         return evaluate(model, dataset.test)
 
+    rows = [asdict(r) for r in recorder.rounds]  # the checkpoints' copy, one row per round
+    flat_config = config.to_flat()
+
     def on_round(report: RoundReport, arrays: ArrayRecord) -> None:
         python_rng, torch_rng = Checkpoint.capture_rng()
+        rows.append(asdict(report))
         checkpoint = Checkpoint(round=report.round, model=dict(from_record(arrays)),
-                                run_config=config.to_flat(),
-                                rounds=[asdict(r) for r in [*recorder.rounds, report]],
+                                run_config=flat_config, rounds=list(rows),
                                 site_epsilon=report.epsilon, python_rng=python_rng,
                                 strategy_state=strategy_state(strategy), torch_rng=torch_rng)
         recorder.rounds.append(report)
