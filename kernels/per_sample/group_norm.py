@@ -20,6 +20,8 @@ Three ways to get ``sum_s x_hat * g``, in order of preference:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -168,4 +170,4 @@ def _nchw(t: torch.Tensor, name: str, ws: Workspace | None) -> torch.Tensor:
 def group_norm_relayout_pays(x: torch.Tensor) -> bool:
     """Whether to run a GroupNorm on an NCHW copy of non-contiguous ``x`` (for the fused
     backward): only for large spatial sizes (see :data:`RELAYOUT_MIN_POSITIONS`)."""
-    return x.dim() > 2 and x[0, 0].numel() >= RELAYOUT_MIN_POSITIONS
+    return x.shape[0] > 0 and math.prod(x.shape[2:]) >= RELAYOUT_MIN_POSITIONS

@@ -144,6 +144,19 @@ def test_zero_gradient_and_empty_batch_give_zeros_not_nan():
     assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_empty_batch_through_fused_group_norm_gives_zeros(channels_last):
+    model = _model("cnn2d", torch.float32)
+    x, y = _batch("cnn2d", 0, torch.float32)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    BookKeepingClipper(model, 1.0)
+    F.cross_entropy(model(x), y, reduction="sum").backward()
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0
+               for p in model.parameters())
+
+
 def test_frozen_parameters_get_no_grad_and_do_not_count():
     model = _model("cnn1d", torch.float64)
     frozen = model.features[0]
