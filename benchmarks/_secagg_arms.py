@@ -15,8 +15,8 @@ usage: python -m benchmarks._secagg_arms ARM BACKEND N ROUNDS K T POLL
 Model: nn.Linear(1000, 1000); local training: one SGD step on 8 random samples; no evaluation.
 The ClientApps are module attributes (``plain_client``, ``privfed_client``) so that the
 in-process worker pool can import them. Prints one line ``RESULT {json}``: per-round
-seconds (paired: per arm, and the per-round ratios privfed / plain), round trips, driver
-RSS, reply bytes (Ray).
+seconds (paired: per arm, and the per-round ratios privfed / plain), privfed's per-stage
+seconds, round trips, driver RSS, reply bytes (Ray).
 """
 
 from __future__ import annotations
@@ -147,15 +147,36 @@ def patch_transport(poll: float) -> None:
 
 
 class _Counted:
-    """Mixin for ``SecAggPlus``: record round trips; ``last`` is the run's last round (the
-    paired arm runs one round per ``run_rounds`` call, which would call every round last)."""
+    """Mixin for ``SecAggPlus``: record round trips and where a round's time goes (seconds
+    per round in ``R["stage_s"]``: ``setup`` trips, the ``collect`` trip (model down, masked
+    input up), the ``unmask`` trip, ``finish`` (unmask leftovers, decode, new model));
+    ``last`` is the run's last round (the paired arm runs one round per ``run_rounds`` call,
+    which would call every round last)."""
 
     total_rounds = 0
 
     def train_round(self, rnd, arrays, grid, *, last):  # noqa: ANN001, ANN201
+        self._stages = {"setup": 0.0, "collect": 0.0, "unmask": 0.0, "finish": 0.0}
         out = super().train_round(rnd, arrays, grid, last=rnd == self.total_rounds)
         R["round_trips"].append(out.round_trips)
+        R.setdefault("stage_s", []).append({k: round(v, 4) for k, v in self._stages.items()})
         return out
+
+    def _trip(self, grid, legs, payload, out):  # noqa: ANN001, ANN202
+        kind = "unmask" if self._stages["collect"] else "setup"
+        kind = "collect" if payload is not None else kind
+        start = time.perf_counter()
+        try:
+            return super()._trip(grid, legs, payload, out)
+        finally:
+            self._stages[kind] += time.perf_counter() - start
+
+    def _finish(self, *args):  # noqa: ANN002, ANN202
+        start = time.perf_counter()
+        try:
+            return super()._finish(*args)
+        finally:
+            self._stages["finish"] += time.perf_counter() - start
 
 
 def _strategies(n: int, rounds: int, k: int, t: int, poll: float):
@@ -210,8 +231,8 @@ def msg_server(arm: str, n: int, rounds: int, k: int, t: int, poll: float):
 
 
 def build_stock(n: int, rounds: int, k: int, t: int):
-    from flwr.client import NumPyClient
     from flwr.client import ClientApp as LegacyClientApp
+    from flwr.client import NumPyClient
     from flwr.client.mod import secaggplus_mod
     from flwr.common import ndarrays_to_parameters
     from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig

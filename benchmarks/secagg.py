@@ -12,9 +12,12 @@ Flower 1.41 crashes on an even num_shares < N). Each arm runs in its own process
   and privfed rounds alternate on ONE grid in one process (paired arm), so both see the same
   machine load; the figure is the median of the per-round ratios over rounds 2..R-1 (round 1
   sets up keys and starts the backend; privfed's last round sets up nothing), with their
-  range. On Ray every InMemoryGrid pulls replies every ``--poll`` seconds, privfed's exchange
-  too (checked: the run fails otherwise); Flower's engine hands pushed messages to the
-  actors on a fixed 0.1 s tick (``vce_api.add_messages_to_queue``), which every round trip
+  range; ``paired_*_round_s`` holds both arms' median round and privfed's median seconds
+  per stage (``collect`` trip: model down, masked input up; ``unmask`` trip; ``finish``:
+  last unmasking, decoding, new model). On Ray every InMemoryGrid pulls replies every
+  ``--poll`` seconds, privfed's exchange too (checked: the run fails otherwise); Flower's
+  engine hands pushed messages to the actors on a fixed 0.1 s tick
+  (``vce_api.add_messages_to_queue``), which every round trip
   of every arm waits for. In process plain's ``send_and_receive`` blocks on the workers and
   privfed's exchange pulls every ``--poll`` seconds (at most ``--poll`` per round trip lost).
 * ``stock_vs_plain``, ``server_peak_mb_*``, upload bytes: plain, stock and privfed each in
@@ -23,8 +26,9 @@ Flower 1.41 crashes on an even num_shares < N). Each arm runs in its own process
   ``privfed_vs_plain_separate`` is privfed's ratio measured that way.
 
 Load-independent: ``client_cpu_ms_per_call``, the CPU time of one site call, all its threads
-(plain train; privfed collect, whose masks are drawn on a second thread, and unmask), and ``client_cpu_privfed_vs_plain`` = (collect + unmask)
-/ plain, the ratio a CPU-bound backend cannot beat.
+(plain train; privfed collect, whose masks are drawn on a second thread, and unmask), and
+``client_cpu_privfed_vs_plain`` = (collect + unmask) / plain, the ratio a CPU-bound backend
+cannot beat.
 
 In process, 1 thread: client encode (clip, quantize, weight, k + 1 masks) and server
 unmask + decode per 1M parameters for both implementations, and the unmask stage alone for
@@ -173,15 +177,16 @@ def client_cpu_ms(n: int, k: int, t: int, rounds: int = 5) -> dict[str, float]:
     """CPU time of one site call, every thread of the process (``time.process_time``: the
     collect call draws its masks on a second thread), in ms, median; load-independent: a
     plain train call, privfed's collect call (train + encode + k + 1 masks) and unmask call
-    (unmask + next round's share keys), run inline (``--workers 0``: messages copied as the pool's pipe
-    copies them) on the in-process grid; rounds 3..``rounds`` (steady state)."""
-    from benchmarks._secagg_arms import RUN_CONFIG, _strategies, make_net
+    (unmask + next round's share keys), run inline (``--workers 0``: messages copied as the
+    pool's pipe copies them) on the in-process grid; rounds 3..``rounds`` (steady state)."""
     from flwr.app import ArrayRecord
+
+    from benchmarks._secagg_arms import RUN_CONFIG, _strategies, make_net
     from server.loop import LoopSettings, run_rounds
+    from shared.secagg.transport import is_stage_record
     from shared.training import EvalResult
     from simulations.inprocess import InProcessGrid, VirtualSites
     from simulations.runner import new_run
-    from shared.secagg.transport import is_stage_record
     from simulations.workers import make_executor
 
     logging.getLogger("flwr").setLevel(logging.WARNING)  # the JSON stays the last line
@@ -225,12 +230,16 @@ def run_arm(arm: str, backend: str, n: int, rounds: int, k: int, t: int, poll: f
 
 
 def paired_ratio(result: dict) -> dict[str, object]:
-    """Median and range of the per-round ratios privfed / plain of a paired run."""
+    """Median and range of the per-round ratios privfed / plain of a paired run, and the
+    median seconds per privfed stage next to plain's round (steady rounds)."""
     ratios = result["ratios"]
+    steady = result["stage_s"][1:-1] or result["stage_s"]
+    stages = {k: round(statistics.median(r[k] for r in steady), 3) for k in steady[0]}
     return {"median": round(statistics.median(ratios), 2),
             "range": [round(min(ratios), 2), round(max(ratios), 2)],
             "plain_round_s": result["median_plain_round_s"],
-            "privfed_round_s": result["median_privfed_round_s"]}  # fmt: skip
+            "privfed_round_s": result["median_privfed_round_s"],
+            "privfed_stage_s": {k: v for k, v in stages.items() if k != "setup"}}  # fmt: skip
 
 
 def shares_for(n: int) -> tuple[int, int]:
@@ -280,9 +289,11 @@ def main() -> None:
         "privfed_vs_plain": ray["median"], "privfed_vs_plain_range": ray["range"],
         "privfed_vs_plain_inprocess": inproc["median"],
         "privfed_vs_plain_inprocess_range": inproc["range"],
-        "paired_ray_round_s": {"plain": ray["plain_round_s"], "privfed": ray["privfed_round_s"]},
+        "paired_ray_round_s": {"plain": ray["plain_round_s"], "privfed": ray["privfed_round_s"],
+                               **ray["privfed_stage_s"]},
         "paired_inprocess_round_s": {"plain": inproc["plain_round_s"],
-                                     "privfed": inproc["privfed_round_s"]},
+                                     "privfed": inproc["privfed_round_s"],
+                                     **inproc["privfed_stage_s"]},
         "plain_round_s": plain, "stock_round_s": stock, "privfed_round_s": ours,
         "privfed_vs_plain_separate": round(ours / plain, 2),
         "stock_vs_plain": round(stock / plain, 2),
