@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, Krum
 
@@ -49,13 +49,14 @@ def loss(site: int, rnd: int) -> float:
 
 def make_app(before_train=None) -> ClientApp:
     """A site whose training adds ``delta(site, round)`` to the global model
-    (``before_train(msg)`` is called first, if given)."""
+    (``before_train(msg)`` is called first, if given; a Message it returns is the reply)."""
     app = ClientApp(mods=[mod.secagg_mod])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        if before_train is not None:
-            before_train(msg)
+        early = before_train(msg) if before_train is not None else None
+        if isinstance(early, Message):
+            return early
         site = int(context.node_config[PARTITION_ID])
         rnd = int(msg.content.config_records["config"]["server-round"])
         arrays = msg.content.array_records["arrays"]
@@ -321,12 +322,15 @@ def _after(fn, hook):
     return wrapped
 
 
-def test_a_failing_handler_is_the_reply_even_when_the_masks_fail_too(monkeypatch):
+@pytest.mark.parametrize("how", ["error reply", "exception"])
+def test_a_failing_handler_is_the_reply_even_when_the_masks_fail_too(monkeypatch, how):
     def refuse(self, ins):
         raise SecAggAbort("collect-masked", "test: masks refused")
 
     def fail(msg):
-        raise RuntimeError("test: training failed")
+        if how == "exception":
+            raise RuntimeError("test: training failed")
+        return Message(Error(code=0, reason="test: training failed"), reply_to=msg)
 
     monkeypatch.setattr(SecAggClient, "prepare_masks", refuse)
     _, reports, models = run(monkeypatch, rounds=1, app=make_app(fail))
