@@ -5,9 +5,11 @@ later: on a loaded machine a worker then waits for that thread to be scheduled a
 for the parent (measured: up to 40 ms at the start of a round). Here the parent writes the
 pickled call itself, at once, as far as the pipe has room, and never blocks:
 
-* :meth:`CallQueue.put` pickles the item now (later changes to it are not seen) and writes
-  what fits into the pipe; the rest waits in the parent until :meth:`CallQueue.flush`,
-  which the parent calls when :attr:`CallQueue.writer_fd` is writable;
+* :meth:`CallQueue.put` pickles the item now (later changes to it are not seen);
+  :meth:`CallQueue.flush` writes what the pipe has room for, the rest waits in the parent
+  for the next flush, which the parent calls when :attr:`CallQueue.writer_fd` is writable.
+  Put a batch, then flush: the first write wakes a worker, and a woken worker may take
+  this process' CPU before it has pickled the next item;
 * a worker takes whole items with :meth:`CallReader.get`, one reader at a time (a lock
   shared by the workers); items come out in the order they were put.
 
@@ -93,7 +95,6 @@ class CallQueue:
         data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
         self._out += _LENGTH.pack(len(data))
         self._out += data
-        self.flush()
 
     def flush(self) -> None:
         """Write as much of the backlog as the pipe takes now."""

@@ -136,7 +136,9 @@ def call_site(
 class SiteExecutor(Protocol):
     """Runs ClientApp calls; :class:`InlineSites` or :class:`SitePool`."""
 
-    def submit(self, task_id: str, message: Message, context: Context) -> None: ...
+    def submit(self, task_id: str, message: Message, context: Context) -> None:
+        """Queue a call; it is under way by the time :meth:`wait` returns."""
+        ...
 
     def wait(self, timeout: float | None) -> list[Done]:
         """Finished calls not yet handed out; blocks up to ``timeout`` for at least one
@@ -229,9 +231,10 @@ class _Worker:
 class SitePool:
     """``size`` worker processes taking calls off one shared queue.
 
-    ``submit`` puts a call on the queue (:class:`simulations.callqueue.CallQueue`: written
-    to the pipe at once as far as it has room, the rest while :meth:`wait` waits) and
-    returns; whichever worker is free takes the next call itself, so a worker never waits
+    ``submit`` puts a call on the queue (:class:`simulations.callqueue.CallQueue`) and
+    returns; :meth:`wait` writes the queued calls to the pipe as far as it has room, the
+    rest while it waits (so call ``wait``, if only with timeout 0, after a batch of
+    submits); whichever worker is free takes the next call itself, so a worker never waits
     for this process to hand it one (on a loaded machine the parent may not be scheduled
     for milliseconds), and a slow call holds up no other. Each worker answers on a pipe of
     its own. Create the pool before
@@ -291,10 +294,11 @@ class SitePool:
     def submit(self, task_id: str, message: Message, context: Context) -> None:
         seq, self._next_seq = self._next_seq, self._next_seq + 1
         self._pending[seq] = (task_id, message)
-        self._tasks.put((seq, message, context))  # pickled now: the call as submitted
+        self._tasks.put((seq, message, context))  # pickled now; written by wait()
 
     def wait(self, timeout: float | None) -> list[Done]:
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._tasks.flush()
         while not self._done and self._pending:
             self._tasks.flush()
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -357,6 +361,7 @@ class SitePool:
         self._tasks.discard()  # calls not yet in the pipe: nobody waits for them
         for _ in self._workers:
             self._tasks.put(None)
+        self._tasks.flush()
         for worker in self._workers:
             worker.process.join(timeout=5)
             if worker.process.is_alive():
