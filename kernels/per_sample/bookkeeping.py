@@ -275,8 +275,8 @@ class BookKeepingClipper:
 
     def _fuse(self, entry: _Entry, record: _Record, output: torch.Tensor,
               x: torch.Tensor) -> torch.Tensor:
-        """Route the layer's backward through :meth:`_on_fused_grad`; the output (and so the
-        input gradient) keeps the layout of the caller's input ``x``."""
+        """Route the layer's backward through :meth:`_on_fused_grad`. The output keeps the
+        layout of the caller's input ``x``; the input gradient comes back contiguous."""
         out = output.detach()
         if out.stride() != x.stride():
             out = relayout_copy(torch.empty_like(x), out)

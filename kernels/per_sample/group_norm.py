@@ -16,6 +16,9 @@ Three ways to get ``sum_s x_hat * g``, in order of preference:
   stays within a small factor of the direct path, and when it pays (channels-last or at
   least ``OUTPUT_PATH_MIN_NUMEL`` elements);
 * otherwise by recomputing ``x_hat = group_norm(x)`` (always exact to rounding).
+
+:func:`group_norm_fused_backward` is the first way with the input gradient asked for too:
+the engine then runs it *instead of* the layer's own backward (one kernel call for both).
 """
 
 from __future__ import annotations
@@ -107,15 +110,22 @@ def _stats_fit(stats: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, groups
 def _folded_grads(x: torch.Tensor, g: torch.Tensor, groups: int,
                   stats: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample affine grads from one ``native_group_norm_backward`` with ``N = 1``."""
+    return _folded_backward(x, g.contiguous(), groups, stats, None, need_dx=False)[1:]
+
+
+def _folded_backward(x, g, groups, stats, weight, *, need_dx):
+    """``native_group_norm_backward`` on contiguous ``x``, ``g`` with the batch folded into
+    the channels: ``(dx or None, (B, C) weight grads, (B, C) bias grads)``."""
     b, c = x.shape[:2]
     folded = (1, b * c, x.numel() // (b * c))
     mean, rstd = (t.reshape(1, b * groups) for t in stats)
-    # The weight only scales the input gradient, which is not asked for; any tensor will do.
-    _, gw, gb = torch.ops.aten.native_group_norm_backward(
-        g.contiguous().view(folded), x.view(folded), mean, rstd, x.new_ones(b * c),
-        1, b * c, folded[2], b * groups, [False, True, True],
+    # The weight only scales the input gradient; without it (or without dx) ones will do.
+    w = x.new_ones(b * c) if weight is None or not need_dx else weight.detach().repeat(b)
+    dx, gw, gb = torch.ops.aten.native_group_norm_backward(
+        g.view(folded), x.view(folded), mean, rstd, w, 1, b * c, folded[2], b * groups,
+        [need_dx, True, True],
     )
-    return gw.view(b, c), gb.view(b, c)
+    return (dx.view(x.shape) if need_dx else None), gw.view(b, c), gb.view(b, c)
 
 
 def group_norm_fused_backward(
@@ -148,16 +158,8 @@ def group_norm_fused_backward(
         ``dx`` (a fresh contiguous tensor shaped like ``x``) and ``(B, C)`` weight and bias
         gradients.
     """
-    b, c = x.shape[:2]
-    folded = (1, b * c, x.numel() // (b * c))
-    mean, rstd = (t.reshape(1, b * num_groups) for t in stats)
-    w = x.new_ones(b * c) if weight is None else weight.detach().repeat(b)
     xf, gf = _nchw(x, "x_nchw", workspace), _nchw(g, "g_nchw", workspace)
-    dx, gw, gb = torch.ops.aten.native_group_norm_backward(
-        gf.view(folded), xf.view(folded), mean, rstd, w, 1, b * c, folded[2], b * num_groups,
-        [True, True, True],
-    )
-    return dx.view(x.shape), gw.view(b, c), gb.view(b, c)
+    return _folded_backward(xf, gf, num_groups, stats, weight, need_dx=True)
 
 
 def _nchw(t: torch.Tensor, name: str, ws: Workspace | None) -> torch.Tensor:

@@ -237,6 +237,26 @@ def test_fused_group_norm_backward_keeps_input_gradients_and_is_used(channels_la
                        1e-5)
 
 
+def test_relaid_group_norm_without_saved_stats_falls_back_to_its_own_backward(monkeypatch):
+    """If autograd's GroupNorm node is not recognised, a relaid layer is not fused: its
+    output goes back to the caller's layout through autograd and the sums stay exact."""
+    from kernels.per_sample.layers import GroupNormRule
+
+    monkeypatch.setattr(GroupNormRule, "saved_stats", staticmethod(lambda output: None))
+    model = _model("cnn2d", torch.float64)
+    x, y = _batch("cnn2d", 5, torch.float64)
+    psg = _oracle_per_sample(model, x, y)
+    model = model.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    (plain,) = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+    clipper = BookKeepingClipper(model, 0.5)
+    F.cross_entropy(model(x), y).backward()
+    clipper.remove()
+    torch.testing.assert_close(x.grad, plain, rtol=1e-10, atol=1e-12)
+    _assert_sums_close([p.grad for p in model.parameters()], reference_clipped_sum(psg, 0.5),
+                       1e-5)
+
+
 class _NormFirst(nn.Module):
     """GroupNorm on the raw input (no gradient needed there: not fused), then on a
     channels-last conv output with an in-place ReLU (fused, relaid out)."""
