@@ -27,6 +27,7 @@ import secrets
 import sys
 import time
 from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ from threadpoolctl import threadpool_limits
 
 from shared.wire import NUM_PARTITIONS, PARTITION_ID
 from simulations.ordering import InOrderReplies, SamplingStream
-from simulations.workers import SiteExecutor
+from simulations.workers import SiteExecutor, SitePool, batch_scheduling
 
 log = logging.getLogger("flwr.privfed.simulation")
 
@@ -223,12 +224,14 @@ def run_inprocess(
     # between a round's first two calls).
     switch = sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL)
+    policy = batch_scheduling() if isinstance(executor, SitePool) else nullcontext()
     try:
         grid = InProcessGrid(sites, executor)
         grid.set_run(run)
         context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(),
                           run_config=dict(flat_config))  # fmt: skip
-        server_app(grid=grid, context=context)
+        with policy:
+            server_app(grid=grid, context=context)
     finally:
         sys.setswitchinterval(switch)
         limits.restore_original_limits()

@@ -34,7 +34,7 @@ import select
 import time
 import zlib
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
@@ -105,6 +105,32 @@ def _isolated(seed: int, *, restore: bool = True):  # type: ignore[no-untyped-de
             random.setstate(saved[0])
             np.random.set_state(saved[1])
             torch.set_rng_state(saved[2])
+
+
+@contextmanager
+def batch_scheduling():  # type: ignore[no-untyped-def]
+    """Run the calling thread (and threads it starts meanwhile) under Linux's SCHED_BATCH,
+    then put its policy back; elsewhere, or if refused, change nothing.
+
+    For a pool's parent: it wakes once per reply, and a normal thread that wakes preempts
+    the running one, here a worker in mid-call; a batch thread waits for a free core or
+    the end of the worker's time slice. Replies wait in the pipes meanwhile; at a round's
+    end the workers are idle and the parent runs at once. (Measured on the 2-core machine
+    under other users' load, 7 paired runs of the throughput benchmark: median 204 vs
+    183 updates/s, 5 pairs of 7 faster.)
+    """
+    policy = getattr(os, "SCHED_BATCH", None)
+    try:
+        before = os.sched_getscheduler(0)
+        os.sched_setscheduler(0, policy, os.sched_param(0))  # type: ignore[arg-type]
+    except (AttributeError, TypeError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        with suppress(OSError):
+            os.sched_setscheduler(0, before, os.sched_param(0))
 
 
 def error_reply(message: Message, code: int, reason: str) -> Message:
