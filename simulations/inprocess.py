@@ -177,6 +177,11 @@ class InProcessGrid(Grid):
         self._collect(timeout=0)
         return self._replies.release(message_ids, prefix=True)
 
+    def wait_replies(self, timeout: float) -> None:
+        """Block until at least one call finished or ``timeout`` seconds passed (then pull):
+        for a caller that folds replies as they come, instead of sleeping between pulls."""
+        self._collect(timeout=timeout)
+
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:  # fmt: skip
         """Push ``messages``, wait for every reply (or ``timeout``); replies in partition order."""

@@ -208,3 +208,24 @@ def test_a_crash_after_training_fails_that_site_in_that_round(tmp_path, task_ide
                        for m in re.findall(r"site (\d+) crashed after training", f))  # fmt: skip
         assert found == crashed and row["clients_failed"] == len(crashed)
     assert sum(r["clients_failed"] for r in rows) > 0
+
+
+def test_wait_replies_blocks_until_a_call_finishes_then_pull_has_it(task_identity):
+    from flwr.supercore.run import Run
+
+    pool = SitePool(1, "tests.test_simulate_backends:crashing_app")
+    try:
+        grid = InProcessGrid(VirtualSites(2, run_id=5, run_config={}), pool)
+        grid.set_run(Run.create_empty(run_id=5))
+        ids = list(grid.push_messages(_messages(grid, [NODE_ID_BASE], 2)))
+        replies = []
+        deadline = time.monotonic() + 60
+        while not replies and time.monotonic() < deadline:
+            grid.wait_replies(5.0)
+            replies = list(grid.pull_messages(ids))
+        assert [r.metadata.reply_to_message_id for r in replies] == ids
+        started = time.monotonic()
+        grid.wait_replies(0.2)  # nothing outstanding: returns at once
+        assert time.monotonic() - started < 0.2
+    finally:
+        pool.close()
