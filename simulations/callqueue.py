@@ -6,8 +6,11 @@ for the parent (measured: up to 40 ms at the start of a round). Here the parent 
 pickled call itself, at once, as far as the pipe has room, and never blocks:
 
 * :meth:`CallQueue.put` pickles the item now (later changes to it are not seen);
-  :meth:`CallQueue.flush` writes what the pipe has room for, the rest waits in the parent
-  for the next flush, which the parent calls when :attr:`CallQueue.writer_fd` is writable.
+  :meth:`CallQueue.flush` writes the items the pipe has room for, whole (a worker reading
+  half an item would hold the readers' lock until this process wrote the rest), the rest
+  waits in the parent for the next flush, which the parent calls when
+  :attr:`CallQueue.writer_fd` is writable. An item larger than the whole pipe goes in
+  pieces, each when the pipe is empty.
   Put a batch, then flush: the first write wakes a worker, and a woken worker may take
   this process' CPU before it has pickled the next item;
 * a worker takes whole items with :meth:`CallReader.get`, one reader at a time (a lock
@@ -19,9 +22,11 @@ call) would leave the others waiting for it: the pool's workers die in calls, no
 
 from __future__ import annotations
 
+import array
 import os
 import pickle
 import struct
+from collections import deque
 from contextlib import suppress
 from typing import Any
 
@@ -32,12 +37,37 @@ PIPE_BUFFER = 1 << 20
 _LENGTH = struct.Struct("!Q")
 
 
+#: Room kept free beyond an item's size: the pipe holds whole pages, and the pages at
+#: its two ends may be partly used.
+_SLACK = 2 * 4096
+
+
 def widen(fd: int) -> None:
     """Ask for a :data:`PIPE_BUFFER`-byte pipe (best effort; Linux only)."""
     with suppress(OSError, AttributeError, ImportError):
         import fcntl
 
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BUFFER)
+
+
+def _capacity(fd: int) -> int | None:
+    """The pipe's size in bytes (None where it cannot be asked)."""
+    try:
+        import fcntl
+
+        return int(fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ))
+    except (OSError, AttributeError, ImportError):
+        return None
+
+
+def _unread(fd: int) -> int:
+    """Bytes in the pipe not yet read."""
+    import fcntl
+    import termios
+
+    count = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, count)
+    return count[0]
 
 
 class CallReader:
@@ -80,7 +110,9 @@ class CallQueue:
         widen(self._writer.fileno())
         os.set_blocking(self._writer.fileno(), False)
         self.reader = CallReader(reader, ctx.Lock())
-        self._out = bytearray()  # framed items not yet in the pipe
+        self._capacity = _capacity(self._writer.fileno())
+        self._frames: deque[bytes] = deque()  # framed items not yet (wholly) in the pipe
+        self._sent = 0  # bytes of the first frame already written
 
     @property
     def writer_fd(self) -> int:
@@ -88,26 +120,70 @@ class CallQueue:
 
     @property
     def backlog(self) -> int:
-        """Bytes put but not yet written to the pipe."""
-        return len(self._out)
+        """Items put but not yet wholly written to the pipe."""
+        return len(self._frames)
+
+    @property
+    def writing(self) -> bool:
+        """Whether an item is partly in the pipe: flush as soon as the pipe has room.
+        (Otherwise the next item waits for room for all of it, which a worker makes by
+        taking an item: poll for its reply, not for room, or the pipe would report room
+        for less than an item over and over.)"""
+        return self._sent > 0
 
     def put(self, item: Any) -> None:
         data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
-        self._out += _LENGTH.pack(len(data))
-        self._out += data
+        self._frames.append(_LENGTH.pack(len(data)) + data)
 
     def flush(self) -> None:
-        """Write as much of the backlog as the pipe takes now."""
-        while self._out:
+        """Write the backlog's items, in order, as many as fit whole in the pipe, in one
+        system call (the first item written wakes a worker, which may take this process'
+        CPU before a second call)."""
+        fd = self._writer.fileno()
+        while self._frames:
+            batch = self._fitting(fd)
+            if not batch:
+                return
             try:
-                written = os.write(self._writer.fileno(), self._out)
+                written = os.writev(fd, batch)
             except BlockingIOError:
                 return
-            del self._out[:written]
+            self._advance(written)
+            if written < sum(len(b) for b in batch):
+                return
+
+    def _fitting(self, fd: int) -> list[memoryview]:
+        """The backlog's first items (the rest of a partly written one first) that fit in
+        the pipe now."""
+        head = memoryview(self._frames[0])[self._sent :]
+        if self._capacity is None or self._sent:  # cannot tell, or must finish: what fits
+            return [head]
+        room = self._capacity - _SLACK - _unread(fd)
+        if len(head) > self._capacity - _SLACK:  # never whole: in pieces, into an empty pipe
+            return [head] if room == self._capacity - _SLACK else []
+        batch: list[memoryview] = []
+        for frame in self._frames:
+            if len(frame) > room:
+                break
+            batch.append(memoryview(frame))
+            room -= len(frame)
+        return batch
+
+    def _advance(self, written: int) -> None:
+        while written:
+            left = len(self._frames[0]) - self._sent
+            if written < left:
+                self._sent += written
+                return
+            written -= left
+            self._frames.popleft()
+            self._sent = 0
 
     def discard(self) -> None:
-        """Drop the backlog (calls nobody waits for any more)."""
-        self._out.clear()
+        """Drop the items not yet begun (calls nobody waits for any more); an item
+        partly written is finished, so the pipe stays readable."""
+        while len(self._frames) > (1 if self._sent else 0):
+            self._frames.pop()
 
     def close(self) -> None:
         self._writer.close()

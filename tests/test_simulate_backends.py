@@ -229,3 +229,26 @@ def test_wait_replies_blocks_until_a_call_finishes_then_pull_has_it(task_identit
         assert time.monotonic() - started < 0.2
     finally:
         pool.close()
+
+
+def test_call_queue_hands_out_whole_items_in_order_even_larger_than_its_pipe():
+    import multiprocessing as mp
+    import select
+    import threading
+
+    from simulations.callqueue import CallQueue
+
+    queue = CallQueue(mp.get_context("spawn"))
+    items = [b"a" * 10, bytes(3 << 20), b"b" * 300_000, None]  # 3 MiB > the 1 MiB pipe
+    got = []
+    reader = threading.Thread(target=lambda: got.extend(queue.reader.get() for _ in items))
+    reader.start()
+    for item in items:
+        queue.put(item)
+    deadline = time.monotonic() + 30
+    while queue.backlog and time.monotonic() < deadline:
+        queue.flush()
+        select.select([], [queue.writer_fd] if queue.writing else [], [], 0.01)
+    reader.join(timeout=30)
+    assert got == items
+    queue.close()
