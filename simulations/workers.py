@@ -325,6 +325,8 @@ class SitePool:
         seq, self._next_seq = self._next_seq, self._next_seq + 1
         self._pending[seq] = (task_id, message)
         self._tasks.put((seq, message, context))  # pickled now; written by wait()
+        if self._tasks.backlog == len(self._workers):  # one call each: start them now
+            self._tasks.flush()
 
     def wait(self, timeout: float | None) -> list[Done]:
         deadline = None if timeout is None else time.monotonic() + timeout
