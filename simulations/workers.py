@@ -267,8 +267,8 @@ class SitePool:
     submits); whichever worker is free takes the next call itself, so a worker never waits
     for this process to hand it one (on a loaded machine the parent may not be scheduled
     for milliseconds), and a slow call holds up no other. Each worker answers on a pipe of
-    its own. Create the pool before
-    starting threads in this process (forked workers inherit only the creating thread).
+    its own. Create the pool before starting threads in this process (forked workers
+    inherit only the creating thread).
     """
 
     def __init__(self, size: int, app_ref: str = CLIENT_APP, *, verbose: bool = False,
