@@ -8,7 +8,8 @@ scalar types, and numba contracts nothing into FMAs without ``fastmath``.
 
 Signatures are explicit, so compiling happens at import (about 1 s, once per machine: the
 machine code is cached on disk beside this file, or in numba's per-user cache directory
-where this folder is read-only), never inside a timed call. ``nogil``: the loops release the
+where this folder is read-only; with neither writable, once per process), never inside a
+timed call. ``nogil``: the loops release the
 GIL, so the threads of ``quantize(..., threads=n)`` run them side by side.
 """
 
@@ -18,11 +19,24 @@ import numpy as np
 _DITHER_SHIFT = np.uint32(16)
 _DITHER_SCALE = np.float32(1 << 16)
 
-_OPTIONS = {"nogil": True, "cache": True, "boundscheck": False, "error_model": "numpy"}
+_OPTIONS = {"nogil": True, "boundscheck": False, "error_model": "numpy"}
 
 
-@numba.njit("int64(float32[::1], uint16[::1], int32[::1], float32, float32, boolean)",
-            **_OPTIONS)
+def _compiled(signature: str):
+    """``numba.njit(signature)`` with its machine code cached on disk where numba finds a
+    writable place (beside this file, or its per-user cache); where it finds none (a
+    read-only install without a writable home), compiled for this process only."""
+
+    def wrap(fn):
+        try:
+            return numba.njit(signature, cache=True, **_OPTIONS)(fn)
+        except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+            return numba.njit(signature, cache=False, **_OPTIONS)(fn)
+
+    return wrap
+
+
+@_compiled("int64(float32[::1], uint16[::1], int32[::1], float32, float32, boolean)")
 def round_into_ring(x, dither, out, clip, scale, narrow):  # pragma: no cover - compiled
     """``y = fl32(fl32(clip(x) + c) * scale)``, rounded with the 16-bit ``dither`` into ``out``.
 

@@ -234,3 +234,20 @@ def test_bad_parameters_are_refused(kwargs, error, match):
 def test_bad_input_dtype_is_refused():
     with pytest.raises(TypeError, match="torch.float32, got torch.float64"):
         quantize(torch.zeros(4, dtype=torch.float64), clip_range=1.0, bits=8, key=make_key("d"))
+
+
+def test_compiles_without_a_writable_cache(monkeypatch, gen):
+    # A site installed read-only, with no writable home: numba finds no cache locator.
+    import numba.core.caching
+
+    monkeypatch.setattr(numba.core.caching.CacheImpl, "_locator_classes", [])
+    loops = importlib.reload(importlib.import_module("kernels._cpu_loops"))
+    try:
+        assert type(loops.round_into_ring._cache).__name__ == "NullCache"  # not cached
+        x = _update(5000, gen, scale=2.0)
+        key = make_key("ro")
+        assert torch.equal(quantize(x, clip_range=3.0, bits=16, key=key),
+                           reference_quantize(x, clip_range=3.0, bits=16, key=key))
+    finally:
+        monkeypatch.undo()
+        importlib.reload(loops)
