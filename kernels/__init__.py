@@ -23,7 +23,7 @@ from kernels.accumulate import (
 from kernels.chacha20 import chacha20_keystream, reference_chacha20_keystream
 from kernels.clip import l2_clip, l2_norm, reference_l2_clip
 from kernels.keys import MaskContext, MaskKey, MaskPurpose, derive_mask_key
-from kernels.masking import add_masks, reference_add_masks
+from kernels.masking import add_masks, mask_sum, reference_add_masks
 from kernels.noise import (
     discrete_gaussian_noise,
     gaussian_noise,
@@ -64,6 +64,7 @@ __all__ = [
     "grid",
     "l2_clip",
     "l2_norm",
+    "mask_sum",
     "quantize",
     "reference_accumulate_ring",
     "reference_accumulate_weighted",

@@ -216,8 +216,13 @@ def load(config: DataConfig) -> SplitDataset:
     return SplitDataset(data.train, data.test, declared)
 
 
+def _shape_text(shape: tuple[int, ...]) -> str:
+    """A shape as ``data.input_shape`` writes it: ``'1,28,28'``."""
+    return "'" + ",".join(map(str, shape)) + "'"
+
+
 def _spec_text(spec: InputSpec) -> str:
-    return f"shape '{','.join(map(str, spec.shape))}' with {spec.num_classes} classes"
+    return f"shape {_shape_text(spec.shape)} with {spec.num_classes} classes"
 
 
 def check_against_spec(data: ArrayDataset, spec: InputSpec, source: str) -> None:
@@ -230,8 +235,8 @@ def check_against_spec(data: ArrayDataset, spec: InputSpec, source: str) -> None
     shape = tuple(data.x.shape[1:])
     if shape != spec.shape:
         raise DataError(
-            f"{source}: examples have shape '{','.join(map(str, shape))}', but the run "
-            f"declares data.input_shape = '{','.join(map(str, spec.shape))}'"
+            f"{source}: examples have shape {_shape_text(shape)}, but the run "
+            f"declares data.input_shape = {_shape_text(spec.shape)}"
         )
     if len(data) and int(data.y.max()) >= spec.num_classes:
         raise DataError(

@@ -31,7 +31,9 @@ from kernels import (
 from kernels import (
     add_masks as _kernel_add_masks,
 )
-from kernels.masking import mask_sum as _kernel_mask_sum
+from kernels import (
+    mask_sum as _kernel_mask_sum,
+)
 
 
 def _ring_view(x: np.ndarray) -> torch.Tensor:
