@@ -1,6 +1,6 @@
 """DP-SGD step cost: privfed's book-keeping engine vs Opacus hooks / ghost vs non-private.
 
-``python -m benchmarks.dpsgd [--json] [--quick]``
+``python -m benchmarks.dpsgd [--json] [--quick] [--device cuda]``
 
 Same model, same batch (fixed tensors, no data loading), one process: time per training
 step (``zero_grad``, forward, loss, ``backward``, ``step``) of
@@ -26,6 +26,11 @@ fastest variant; ``<mode>_variant`` names it), and each ratio the median over ro
 (mode / ``nonprivate``) within the same round. With one
 thread the clock is the thread's CPU time (a shared machine's load does not count; the
 step's own page faults do), with all threads wall time. The last stdout line is JSON.
+
+``--device cuda`` times the same steps on the GPU (wall time, synchronised after each
+round's steps; noise from a CUDA generator or, for ``_csprng``, the Triton ChaCha20
+Box-Muller kernel). The CPU-only GroupNorm relayout variant is left out there, and the
+headline is cnn2d on the GPU.
 """
 
 from __future__ import annotations
@@ -53,20 +58,21 @@ from shared.models import DEFAULT_SPECS, get_model
 
 BATCH = 64
 MODELS = ("cnn2d", "cnn1d")
+CPU = torch.device("cpu")
 
 
-def _batch(name: str, channels_last: bool):
+def _batch(name: str, channels_last: bool, device: torch.device):
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(BATCH, *DEFAULT_SPECS[name].shape, generator=gen)
-    y = torch.randint(0, DEFAULT_SPECS[name].num_classes, (BATCH,), generator=gen)
+    x = torch.randn(BATCH, *DEFAULT_SPECS[name].shape, generator=gen).to(device)
+    y = torch.randint(0, DEFAULT_SPECS[name].num_classes, (BATCH,), generator=gen).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y
 
 
-def _model(name: str, channels_last: bool):
+def _model(name: str, channels_last: bool, device: torch.device):
     torch.manual_seed(0)
-    model = get_model(name)
+    model = get_model(name).to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
@@ -107,9 +113,9 @@ def _group_norm_on_nchw(model: nn.Module) -> None:
             m.forward = forward
 
 
-def _nonprivate_step(name: str, channels_last: bool,
+def _nonprivate_step(name: str, channels_last: bool, device: torch.device,
                      gn_nchw: bool = False) -> Callable[[], None]:
-    model, (x, y) = _model(name, channels_last), _batch(name, channels_last)
+    model, (x, y) = _model(name, channels_last, device), _batch(name, channels_last, device)
     if gn_nchw:
         _group_norm_on_nchw(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -122,11 +128,12 @@ def _nonprivate_step(name: str, channels_last: bool,
     return step
 
 
-def _private_step(name: str, mode: ClippingMode, channels_last: bool,
+def _private_step(name: str, mode: ClippingMode, channels_last: bool, device: torch.device,
                   csprng: bool = False) -> Callable[[], None]:
-    model, (x, y) = _model(name, channels_last), _batch(name, channels_last)
+    model, (x, y) = _model(name, channels_last, device), _batch(name, channels_last, device)
     data = TensorDataset(torch.zeros(BATCH * 10, 1), torch.zeros(BATCH * 10))
-    noise = default_noise_fn() if csprng else torch_noise_fn(torch.Generator().manual_seed(1))
+    gen = torch.Generator(device=device).manual_seed(1)
+    noise = default_noise_fn() if csprng else torch_noise_fn(gen)
     rnd = make_private_round(model, torch.optim.SGD(model.parameters(), lr=0.01), data,
                              batch_size=BATCH, noise_multiplier=1.0, max_grad_norm=1.0,
                              mode=mode, noise_fn=noise)
@@ -139,27 +146,36 @@ def _private_step(name: str, mode: ClippingMode, channels_last: bool,
     return step
 
 
-def _candidates(name: str) -> dict[str, dict[str, Callable[[], None]]]:
+def _candidates(name: str, device: torch.device) -> dict[str, dict[str, Callable[[], None]]]:
     """Mode -> {variant: step function}, to take the fastest variant of."""
     images = len(DEFAULT_SPECS[name].shape) == 3
     layouts = {"nchw": False, "channels_last": True} if images else {"nchw": False}
-    nonprivate = {k: _nonprivate_step(name, cl) for k, cl in layouts.items()}
-    if images:
-        nonprivate["channels_last+gn_nchw"] = _nonprivate_step(name, True, gn_nchw=True)
+    nonprivate = {k: _nonprivate_step(name, cl, device) for k, cl in layouts.items()}
+    if images and device.type == "cpu":
+        nonprivate["channels_last+gn_nchw"] = _nonprivate_step(name, True, device, gn_nchw=True)
     last = list(layouts)[-1]
     return {
         "nonprivate": nonprivate,
-        "opacus_hooks": {"nchw": _private_step(name, ClippingMode.HOOKS, False)},
-        "opacus_ghost": {"nchw": _private_step(name, ClippingMode.GHOST, False)},
-        "privfed": {k: _private_step(name, ClippingMode.PRIVFED, cl) for k, cl in layouts.items()},
+        "opacus_hooks": {"nchw": _private_step(name, ClippingMode.HOOKS, False, device)},
+        "opacus_ghost": {"nchw": _private_step(name, ClippingMode.GHOST, False, device)},
+        "privfed": {k: _private_step(name, ClippingMode.PRIVFED, cl, device)
+                    for k, cl in layouts.items()},
         "privfed_csprng": {last: _private_step(name, ClippingMode.PRIVFED, layouts[last],
-                                               csprng=True)},
+                                               device, csprng=True)},
     }
 
 
-def _clock(threads: int) -> Callable[[], float]:
-    """The calling thread's CPU time with one thread (all the step's work runs on it, and
-    time the scheduler gives to other processes is not counted), else wall time."""
+def _cuda_wall() -> float:
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _clock(threads: int, device: torch.device) -> Callable[[], float]:
+    """On CPU with one thread, the calling thread's CPU time (all the step's work runs on
+    it, and time the scheduler gives to other processes is not counted); with all threads
+    wall time; on a GPU wall time with the device synchronised at each reading."""
+    if device.type == "cuda":
+        return _cuda_wall
     return time.thread_time if threads == 1 else time.perf_counter
 
 
@@ -189,25 +205,37 @@ def _measure(steps: dict[str, dict[str, Callable[[], None]]], rounds: int, inner
     return ms, ratios, best
 
 
-def run_one(name: str, threads: int, rounds: int, inner: int) -> dict[str, float | str]:
+def run_one(name: str, threads: int, rounds: int, inner: int,
+            device: torch.device = CPU) -> dict[str, float | str]:
     """Median ms/step per mode and paired ratios over non-private (model, thread count)."""
     torch.set_num_threads(threads)
-    ms, ratios, best = _measure(_candidates(name), rounds, inner, _clock(threads))
+    ms, ratios, best = _measure(_candidates(name, device), rounds, inner,
+                                _clock(threads, device))
     res = {f"{m}_ms": round(v, 3) for m, v in ms.items()}
     for mode in ("privfed", "privfed_csprng", "opacus_hooks", "opacus_ghost"):
         res[f"{mode}_ratio"] = round(ratios[mode], 3)
     res.update({f"{m}_variant": v for m, v in best.items() if m in ("nonprivate", "privfed")})
-    res["clock"] = "thread_cpu" if threads == 1 else "wall"
+    res["clock"] = "thread_cpu" if threads == 1 and device.type == "cpu" else "wall"
     return res
 
 
-def noise_timings(n: int, repeat: int) -> dict[str, float]:
-    """ms per draw of ``n`` N(0, 1) floats: ChaCha20 Box-Muller vs torch.normal (1 thread)."""
+def noise_timings(n: int, repeat: int,
+                  device: torch.device = CPU) -> dict[str, float]:
+    """ms per draw of ``n`` N(0, 1) floats: ChaCha20 Box-Muller vs torch.normal (1 thread;
+    on a GPU each draw is timed to the device's completion)."""
     torch.set_num_threads(1)
-    key, gen = MaskKey(bytes(32), bytes(12)), torch.Generator().manual_seed(0)
-    chacha, mt = paired_medians(lambda: gaussian_noise(n, 1.0, key),
-                                lambda: torch.normal(0.0, 1.0, size=(n,), generator=gen),
-                                repeat=repeat, warmup=3)
+    key, gen = MaskKey(bytes(32), bytes(12)), torch.Generator(device=device).manual_seed(0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def chacha() -> None:
+        gaussian_noise(n, 1.0, key, device=device)
+        sync()
+
+    def mt() -> None:
+        torch.normal(0.0, 1.0, size=(n,), generator=gen, device=device)
+        sync()
+
+    chacha, mt = paired_medians(chacha, mt, repeat=repeat, warmup=3)
     return {"params": n, "chacha20_gaussian_ms": round(chacha * 1e3, 3),
             "torch_normal_ms": round(mt * 1e3, 3)}
 
@@ -216,27 +244,35 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     parser.add_argument("--quick", action="store_true", help="fewer rounds (smoke run)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the steps run (cuda: needs a CUDA device)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
-    rounds, inner = (3, 2) if args.quick else (15, 4)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch")
+    gpu = device.type == "cuda"
+    rounds, inner = (3, 2) if args.quick else (15, 20 if gpu else 4)
     all_threads = os.cpu_count() or 1
+    thread_counts = [1] if gpu else sorted({1, all_threads})
     results: dict[str, dict] = {}
     for name in MODELS:
-        for threads in sorted({1, all_threads}):
-            key = f"{name}/threads={threads}"
-            results[key] = run_one(name, threads, rounds, inner)
+        for threads in thread_counts:
+            key = f"{name}/cuda" if gpu else f"{name}/threads={threads}"
+            results[key] = run_one(name, threads, rounds, inner, device)
             if not args.json:
                 print(key, json.dumps(results[key]))
     params = sum(p.numel() for p in get_model("cnn2d").parameters())
-    noise = noise_timings(params, 15 if args.quick else 101)
-    head = results["cnn2d/threads=1"]
+    noise = noise_timings(params, 15 if args.quick else 101, device)
+    head = results["cnn2d/cuda" if gpu else "cnn2d/threads=1"]
+    where = (f"{torch.cuda.get_device_name()} (wall time)" if gpu
+             else "1 thread (thread CPU time)")
     summary = {
-        "benchmark": "dpsgd", "batch": BATCH, "device": "cpu",
+        "benchmark": "dpsgd", "batch": BATCH, "device": args.device,
         "privfed_ratio": head["privfed_ratio"],
         "opacus_hooks_ratio": head["opacus_hooks_ratio"],
         "opacus_ghost_ratio": head["opacus_ghost_ratio"],
-        "headline": "cnn2d (28x28), batch 64, 1 thread (thread CPU time); noise torch.normal "
-                    "in every mode",
+        "headline": f"cnn2d (28x28), batch 64, {where}; noise torch.normal in every mode",
         "results": results,
         "noise": noise,
     }

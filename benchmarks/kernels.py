@@ -5,6 +5,10 @@ OpenBLAS pinned to 1 before numpy loads), median of repeats after warm-up, conte
 in alternation. The last stdout line is one JSON object; ratios > 1 mean privfed is faster.
 Figures named ``*_2threads_*`` are the exception: ``kernels.quantize(..., threads=2)``
 splits its input over two threads, against the same one-thread Flower arm.
+
+With a CUDA device, ``gpu`` holds the Triton kernels' throughput on 64 MiB tensors, each
+counted as bytes read plus bytes written, next to a device-to-device copy measured in the
+same run (``*_vs_copy`` = kernel GB/s / copy GB/s; CUDA events, medians).
 """
 
 import os
@@ -133,6 +137,58 @@ def bytes_per_param(n: int) -> dict[str, float]:
             "flower_bytes_per_param": flower_masked.itemsize}
 
 
+def _cuda_seconds(fn, repeat: int) -> float:
+    """Median seconds of ``fn`` on the current CUDA stream (CUDA events, after warm-up)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return float(np.median(times))
+
+
+def bench_gpu(n: int, repeat: int) -> dict[str, object]:
+    """Triton kernels on ``n`` 32-bit elements against a device-to-device copy of as many.
+
+    Bytes counted per element: keystream 4 (written), quantize 8 (float read, ring word
+    written; the dither comes from the kernel's own ChaCha20), one mask 8 and three masks
+    8 (the ring vector read and written once, all keystreams made in registers),
+    accumulate_ring 12 (both read, the accumulator written), gaussian noise 4 (written).
+    """
+    dev = torch.device("cuda")
+    x = torch.randn(n, device=dev) * 0.5
+    ring = torch.zeros(n, dtype=kernels.RING_DTYPE, device=dev)
+    other = torch.ones(n, dtype=kernels.RING_DTYPE, device=dev)
+    dst = torch.empty_like(x)
+    qkey = _key(kernels.MaskPurpose.QUANTIZE_DITHER)
+    mkey = _key(kernels.MaskPurpose.PAIRWISE_MASK)
+    nkey = _key(kernels.MaskPurpose.DP_NOISE)
+    key, nonce = os.urandom(32), os.urandom(12)
+    arms = {
+        "keystream": (4, lambda: kernels.chacha20_keystream(key, nonce, 0, n, device="cuda")),
+        "quantize": (8, lambda: kernels.quantize(x, clip_range=CLIP, bits=BITS, key=qkey)),
+        "mask": (8, lambda: kernels.add_masks(ring, [mkey], [1])),
+        "mask_3keys": (8, lambda: kernels.add_masks(ring, [mkey] * 3, [1, -1, 1])),
+        "accumulate_ring": (12, lambda: kernels.accumulate_ring(ring, other)),
+        "gaussian_noise": (4, lambda: kernels.gaussian_noise(n, 1.0, nkey, device="cuda")),
+    }
+    copy = _cuda_seconds(lambda: dst.copy_(x), repeat)
+    copy_gbps = 8 * n / copy / 1e9
+    figures: dict[str, object] = {"device": torch.cuda.get_device_name(), "elements": n,
+                                  "copy_gbps": round(copy_gbps, 1)}
+    for name, (bytes_per, fn) in arms.items():
+        gbps = bytes_per * n / _cuda_seconds(fn, repeat) / 1e9
+        figures[f"{name}_gbps"] = round(gbps, 1)
+        figures[f"{name}_vs_copy"] = round(gbps / copy_gbps, 3)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
@@ -141,8 +197,9 @@ def main() -> None:
     torch.set_num_threads(1)
     scale, repeat = (10, 3) if args.quick else (1, 11)
     figures: dict[str, object] = {"threads": torch.get_num_threads(), "gpu": "not measured: no "
-                                  "CUDA device in this run" if not torch.cuda.is_available()
-                                  else "not measured by this benchmark"}
+                                  "CUDA device in this run"}
+    if torch.cuda.is_available():
+        figures["gpu"] = bench_gpu((1 << 24) // scale, repeat)
     figures |= bench_keystream((1 << 22) // scale, repeat)
     figures |= bench_quantize(10**7 // scale, repeat)
     figures |= bench_mask(4 * 10**6 // scale, repeat)

@@ -158,12 +158,14 @@ def torch_noise_fn(generator: torch.Generator | None = None) -> NoiseFn:
     1 thread), and its float32 draws are cut at 5.8 sigma (24-bit uniforms).
 
     Mersenne Twister is *not* a CSPRNG: for tests and benchmarks; production keeps
-    :func:`default_noise_fn`. Default generator: seeded with 63 bits from ``secrets``.
+    :func:`default_noise_fn`. Default generator: seeded with 63 bits from ``secrets``. The
+    draw is made on the generator's device, then moved to the parameters' device.
     """
     gen = generator or torch.Generator().manual_seed(secrets.randbits(63))
 
     def noise(shape: tuple[int, ...], std: float, device: torch.device) -> torch.Tensor:
-        return torch.normal(0.0, std, size=tuple(shape), generator=gen).to(device)
+        return torch.normal(0.0, std, size=tuple(shape), generator=gen,
+                            device=gen.device).to(device)
 
     return noise
 

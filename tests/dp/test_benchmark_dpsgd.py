@@ -39,11 +39,11 @@ def test_noise_timings_keys():
 def test_group_norm_on_nchw_baseline_computes_the_same_gradients():
     """The non-private 'channels_last+gn_nchw' variant only moves data: same loss and
     parameter gradients as the stock channels-last model."""
-    from benchmarks.dpsgd import _batch, _group_norm_on_nchw, _model
+    from benchmarks.dpsgd import CPU, _batch, _group_norm_on_nchw, _model
 
     grads = []
     for relaid in (False, True):
-        model, (x, y) = _model("cnn2d", True), _batch("cnn2d", True)
+        model, (x, y) = _model("cnn2d", True, CPU), _batch("cnn2d", True, CPU)
         model = model.double()
         x = x.double().contiguous(memory_format=torch.channels_last)
         if relaid:
@@ -52,3 +52,12 @@ def test_group_norm_on_nchw_baseline_computes_the_same_gradients():
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_cuda_device_without_a_gpu_is_refused_by_name(monkeypatch, capsys):
+    from benchmarks.dpsgd import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        main(["--device", "cuda", "--quick"])
+    assert "--device cuda: no CUDA device" in capsys.readouterr().err

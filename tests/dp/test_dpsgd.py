@@ -193,3 +193,28 @@ def test_zero_grad_clears_to_none_by_default_and_either_way_gives_the_same_step(
         rnd.finish()
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_private_round_on_cuda_equals_cpu_and_noise_stays_on_the_device():
+    dev = torch.device("cuda")
+    z = default_noise_fn()((50_000,), 3.0, dev)
+    assert z.is_cuda and z.std().item() == pytest.approx(3.0, rel=0.02)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    assert torch_noise_fn(gen)((7,), 1.0, dev).is_cuda
+    states = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(1)
+        model = get_model("cnn1d").to(device)
+        rnd = make_private_round(
+            model, torch.optim.SGD(model.parameters(), lr=0.5), _data(), batch_size=16,
+            noise_multiplier=0.0, max_grad_norm=0.3, mode=ClippingMode.PRIVFED,
+            sampling_generator=torch.Generator().manual_seed(5))
+        for x, y in rnd.data_loader:
+            rnd.optimizer.zero_grad()
+            rnd.criterion(rnd.model(x.to(device)), y.to(device)).backward()
+            rnd.optimizer.step()
+        states[device] = rnd.finish()
+    for k, v in states["cuda"].items():
+        assert v.is_cuda
+        torch.testing.assert_close(v.cpu(), states["cpu"][k], rtol=1e-4, atol=1e-5)

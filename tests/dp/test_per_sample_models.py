@@ -302,3 +302,25 @@ def test_group_norm_on_the_input_and_inplace_relu_after_fused_norm(channels_last
     assert len(fused) == (0 if channels_last and relayout_min else 1)  # never norm0
     torch.testing.assert_close(clipper.per_sample_norms, norms, rtol=1e-9, atol=0)
     _assert_sums_close(got, reference_clipped_sum(psg, c), 1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", model_names())
+def test_engine_on_cuda_equals_autograd_and_opacus_hooks(name):
+    dtype, b, dev = torch.float64, 6, torch.device("cuda")
+    model = _model(name, dtype).to(dev)
+    x, y = (t.to(dev) for t in _batch(name, b, dtype))
+    psg = _oracle_per_sample(model, x, y)
+    norms = torch.cat([g.reshape(b, -1) for g in psg], 1).norm(dim=1)
+    c = float(norms.median())
+    got, clipper = _engine_sum(model, x, y, c)
+    assert all(g is None or g.is_cuda for g in got)
+    torch.testing.assert_close(clipper.per_sample_norms, norms, rtol=1e-9, atol=0)
+    _assert_sums_close(got, reference_clipped_sum(psg, c), 1e-5)
+    _assert_sums_close(got, _opacus_hooks_sum(model, x, y, c), 1e-5)
+    if x.dim() == 4:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(
+            memory_format=torch.channels_last)
+        got, _ = _engine_sum(model, x, y, c)
+        _assert_sums_close(got, reference_clipped_sum(_oracle_per_sample(model, x, y), c),
+                           1e-5)
