@@ -5,7 +5,8 @@ its stream from block 0, so noise is cryptographically unpredictable without the
 reproducible with it. Never reuse a noise key for two draws that must be independent.
 
 Layers: :func:`gaussian_noise` (CPU fast path in float32 numpy, chunked to stay in cache;
-a torch path for other devices), :func:`reference_gaussian_noise` (float64 Python math, one
+one fused Triton kernel on CUDA, keystream and transform together; a torch path for other
+devices), :func:`reference_gaussian_noise` (float64 Python math, one
 pair at a time) and the discrete sampler with its own reference.
 """
 
@@ -83,6 +84,11 @@ def gaussian_noise(
     runs = -(-n // (2 * GAUSS_RUN))
     check_stream_args(key.key, key.nonce, 0, 3 * GAUSS_RUN * runs)
     device = torch.device(device)
+    if device.type == "cuda":
+        from kernels._triton import launch
+
+        return launch.gaussian(n, -2.0 * sigma * sigma, key.key, key.nonce, GAUSS_RUN,
+                               float(np.float32(_ANGLE_SCALE)), device=device)
     if device.type != "cpu":
         words = chacha20_keystream(key.key, key.nonce, 0, 3 * GAUSS_RUN * runs, device=device)
         return _gaussian_torch(words.view(runs, 3 * GAUSS_RUN), float(sigma)).view(-1)[:n]

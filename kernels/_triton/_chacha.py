@@ -74,6 +74,6 @@ def chacha_block(row_ptr, ctr):
 
 @triton.jit
 def block_counters(counter, pid, BLOCK: tl.constexpr):
-    """uint32 counters of the ``BLOCK`` blocks handled by program ``pid``."""
+    """uint32 counters of the ``BLOCK`` blocks handled by program ``pid`` (wrapping)."""
     blk = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    return (blk + counter).to(tl.uint32), blk
+    return (blk + counter).to(tl.uint32)

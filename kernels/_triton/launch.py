@@ -22,10 +22,14 @@ except ImportError as error:  # pragma: no cover - depends on the install
 from kernels._ring import RING_DTYPE, check_same_layout, check_tensor
 from kernels._triton import _kernels
 
-# ChaCha20 blocks per program: 64 blocks = 1024 keystream words.
+# ChaCha20 blocks per program (64 blocks = 1024 keystream words) and warps per program.
 CHACHA_BLOCKS = 64
+CHACHA_WARPS = 1
 ELEMENTWISE_BLOCK = 1024
 KEY_ROW_WORDS = 12
+# Gaussian noise: 8 key words, 3 nonce words, a spare word, -2 sigma**2 as a float64.
+GAUSS_ROW_WORDS = 14
+GAUSS_WARPS = 1
 # Float kernels launch without fused multiply-add so every rounding matches the CPU path.
 FP_EXACT = {"enable_fp_fusion": False}
 
@@ -64,7 +68,7 @@ def keystream(
     if n_words:
         rows = key_rows([(key, nonce)], [1], device)
         _kernels.keystream_kernel[_chacha_grid(n_words)](
-            rows, out, counter, n_words, BLOCK=CHACHA_BLOCKS
+            rows, out, counter, n_words, BLOCK=CHACHA_BLOCKS, num_warps=CHACHA_WARPS
         )
     return out
 
@@ -81,7 +85,8 @@ def add_masks(x: torch.Tensor, rows: torch.Tensor) -> None:
         )
     if x.numel() and rows.shape[0]:
         _kernels.add_masks_kernel[_chacha_grid(x.numel())](
-            x, rows, rows.shape[0], x.numel(), BLOCK=CHACHA_BLOCKS, ROW=KEY_ROW_WORDS
+            x, rows, rows.shape[0], x.numel(), BLOCK=CHACHA_BLOCKS, ROW=KEY_ROW_WORDS,
+            num_warps=CHACHA_WARPS,
         )
 
 
@@ -95,8 +100,26 @@ def quantize(x: torch.Tensor, out: torch.Tensor, row: torch.Tensor, c: float, s:
     if n:
         grid = _chacha_grid(triton.cdiv(n, 2))
         _kernels.quantize_kernel[grid](
-            x, out, row, n, c, s, BLOCK=CHACHA_BLOCKS, **FP_EXACT
+            x, out, row, n, c, s, BLOCK=CHACHA_BLOCKS, num_warps=CHACHA_WARPS, **FP_EXACT
         )
+
+
+def gaussian(n: int, neg_two_var: float, key: bytes, nonce: bytes, run: int, angle_scale: float,
+             *, device: torch.device) -> torch.Tensor:
+    """``n`` float32 Box-Muller draws on ``device`` from the stream of ``key``/``nonce``
+    (``run`` pairs per Box-Muller run; arguments validated by kernels.noise)."""
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    check_device(out, "noise output")
+    if n:
+        row = np.zeros(GAUSS_ROW_WORDS, dtype=np.int32)
+        row[:11] = np.frombuffer(bytes(key) + bytes(nonce), dtype="<i4")
+        row[12:14] = np.array([neg_two_var], dtype="<f8").view("<i4")
+        runs = triton.cdiv(n, 2 * run)
+        _kernels.gaussian_kernel[(runs,)](
+            torch.from_numpy(row).to(device), out, n, angle_scale, R=run,
+            num_warps=GAUSS_WARPS, **FP_EXACT,
+        )
+    return out
 
 
 def accumulate_ring(acc: torch.Tensor, x: torch.Tensor) -> None:

@@ -13,6 +13,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from kernels._triton import _kernels, launch
+from kernels.noise import GAUSS_RUN
 
 SIGNATURES = {
     "keystream_kernel": (
@@ -38,6 +39,11 @@ SIGNATURES = {
         {"acc_ptr": "*fp32", "x_ptr": "*fp32", "w": "fp32", "n": "i32", "BLOCK": "constexpr"},
         {"BLOCK": launch.ELEMENTWISE_BLOCK}, launch.FP_EXACT,
     ),
+    "gaussian_kernel": (
+        {"row_ptr": "*i32", "out_ptr": "*fp32", "n": "i32", "angle_scale": "fp32",
+         "R": "constexpr"},
+        {"R": GAUSS_RUN}, launch.FP_EXACT,
+    ),
 }
 
 
@@ -45,9 +51,12 @@ def main() -> None:
     report = {}
     for name, (signature, constexprs, options) in SIGNATURES.items():
         source = ASTSource(fn=getattr(_kernels, name), signature=signature, constexprs=constexprs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(options))
+        options = dict(options, num_warps=launch.GAUSS_WARPS if name == "gaussian_kernel"
+                       else launch.CHACHA_WARPS)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
         ptx = compiled.asm["ptx"]
-        report[name] = {"cubin_bytes": len(compiled.asm["cubin"]), "fma": "fma.rn.f32" in ptx}
+        report[name] = {"cubin_bytes": len(compiled.asm["cubin"]),
+                        "fma": "fma.rn.f32" in ptx or "fma.rn.f64" in ptx}
     print(json.dumps(report))
 
 

@@ -6,10 +6,12 @@ GPU the same comparisons run on CUDA. Skipped when Triton is not installed (``pr
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,26 +22,34 @@ pytest.importorskip("triton")
 
 from kernels import (  # noqa: E402
     RING_DTYPE,
+    MaskPurpose,
     accumulate_ring,
     accumulate_weighted,
     add_masks,
     chacha20_keystream,
+    gaussian_noise,
     grid,
     quantize,
+    reference_gaussian_noise,
 )
 from kernels._triton import launch  # noqa: E402
+from kernels.noise import GAUSS_RUN  # noqa: E402
 from tests.kernels.conftest import make_key  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-SMALL = (0, 1, 17, 1023, 1025)  # 1025 words = 65 blocks: two programs of 64 blocks
+# 1025 words = 65 blocks; the last size spans three programs of CHACHA_BLOCKS blocks
+SMALL = (0, 1, 17, 1023, 1025, 2 * 16 * launch.CHACHA_BLOCKS + 3)
 
 
 def _ring(n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randint(-(2**31), 2**31, (n,), generator=gen, dtype=torch.int64).to(RING_DTYPE)
 
 
-@pytest.mark.parametrize("counter", [0, 5, 2**31 + 3, 2**32 - 66])
-@pytest.mark.parametrize("n", SMALL)
+COUNTERS = (0, 5, 2**31 + 3, 2**32 - 66)  # the last: a stream ending at the last block
+
+
+@pytest.mark.parametrize(("n", "counter"), [(n, c) for n in SMALL for c in COUNTERS
+                                            if c + -(-n // 16) <= 2**32])
 def test_keystream(n, counter):
     key, nonce = os.urandom(32), os.urandom(12)
     got = launch.keystream(key, nonce, counter, n, device=DEVICE)
@@ -86,6 +96,21 @@ def test_accumulate_weighted(n, w, gen):
     assert torch.equal(got.cpu(), accumulate_weighted(acc, x, w))
 
 
+@pytest.mark.parametrize("sigma", [1e-3, 1.0, 250.0])
+@pytest.mark.parametrize("n", [0, 1, 2 * GAUSS_RUN - 1, 3 * 2 * GAUSS_RUN + 5])
+def test_gaussian_matches_the_cpu_path_and_reference(n, sigma):
+    """The fused kernel reads the stream as the CPU path does: equal up to float32 sin/cos
+    and log rounding (documented: 2e-6 * (sigma + |z|) of the float64 reference)."""
+    key = make_key(f"tg{n}{sigma}", MaskPurpose.DP_NOISE)
+    got = launch.gaussian(n, -2.0 * sigma * sigma, key.key, key.nonce, GAUSS_RUN,
+                          float(np.float32(math.pi * 2.0**-31)), device=DEVICE).cpu()
+    assert got.dtype == torch.float32 and got.shape == (n,)
+    ref = reference_gaussian_noise(n, sigma, key).double()
+    assert ((got.double() - ref).abs() <= 2e-6 * (sigma + ref.abs())).all()
+    cpu = gaussian_noise(n, sigma, key).double()  # the CPU fast path: the same draws
+    assert ((got.double() - cpu).abs() <= 4e-6 * (sigma + cpu.abs())).all()
+
+
 def test_launchers_check_dtype():
     with pytest.raises(TypeError, match="acc must have dtype torch.int32"):
         launch.accumulate_ring(torch.zeros(3, device=DEVICE), torch.zeros(3, device=DEVICE))
@@ -110,6 +135,10 @@ def test_kernels_compile_for_sm90_without_fma_in_float_kernels():
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(report) == {"keystream_kernel", "add_masks_kernel", "quantize_kernel",
-                           "accumulate_ring_kernel", "accumulate_weighted_kernel"}
+                           "accumulate_ring_kernel", "accumulate_weighted_kernel",
+                           "gaussian_kernel"}
     assert all(k["cubin_bytes"] > 0 for k in report.values())
-    assert not report["quantize_kernel"]["fma"] and not report["accumulate_weighted_kernel"]["fma"]
+    # bit-exact float kernels; gaussian_kernel's libdevice log/sin/cos use FMA internally
+    # (its draws match the CPU path to the documented tolerance, not bit for bit)
+    for name in ("quantize_kernel", "accumulate_weighted_kernel"):
+        assert not report[name]["fma"], name
