@@ -1,6 +1,6 @@
 """DP-SGD step cost: privfed's book-keeping engine vs Opacus hooks / ghost vs non-private.
 
-``python -m benchmarks.dpsgd [--json] [--quick] [--device cuda]``
+``python -m benchmarks.dpsgd [--json] [--quick] [--device cuda] [--batch 64]``
 
 Same model, same batch (fixed tensors, no data loading), one process: time per training
 step (``zero_grad``, forward, loss, ``backward``, ``step``) of
@@ -61,10 +61,10 @@ MODELS = ("cnn2d", "cnn1d")
 CPU = torch.device("cpu")
 
 
-def _batch(name: str, channels_last: bool, device: torch.device):
+def _batch(name: str, channels_last: bool, device: torch.device, batch: int = BATCH):
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(BATCH, *DEFAULT_SPECS[name].shape, generator=gen).to(device)
-    y = torch.randint(0, DEFAULT_SPECS[name].num_classes, (BATCH,), generator=gen).to(device)
+    x = torch.randn(batch, *DEFAULT_SPECS[name].shape, generator=gen).to(device)
+    y = torch.randint(0, DEFAULT_SPECS[name].num_classes, (batch,), generator=gen).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y
@@ -114,8 +114,9 @@ def _group_norm_on_nchw(model: nn.Module) -> None:
 
 
 def _nonprivate_step(name: str, channels_last: bool, device: torch.device,
-                     gn_nchw: bool = False) -> Callable[[], None]:
-    model, (x, y) = _model(name, channels_last, device), _batch(name, channels_last, device)
+                     gn_nchw: bool = False, batch: int = BATCH) -> Callable[[], None]:
+    model = _model(name, channels_last, device)
+    x, y = _batch(name, channels_last, device, batch)
     if gn_nchw:
         _group_norm_on_nchw(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -129,13 +130,14 @@ def _nonprivate_step(name: str, channels_last: bool, device: torch.device,
 
 
 def _private_step(name: str, mode: ClippingMode, channels_last: bool, device: torch.device,
-                  csprng: bool = False) -> Callable[[], None]:
-    model, (x, y) = _model(name, channels_last, device), _batch(name, channels_last, device)
-    data = TensorDataset(torch.zeros(BATCH * 10, 1), torch.zeros(BATCH * 10))
+                  csprng: bool = False, batch: int = BATCH) -> Callable[[], None]:
+    model = _model(name, channels_last, device)
+    x, y = _batch(name, channels_last, device, batch)
+    data = TensorDataset(torch.zeros(batch * 10, 1), torch.zeros(batch * 10))
     gen = torch.Generator(device=device).manual_seed(1)
     noise = default_noise_fn() if csprng else torch_noise_fn(gen)
     rnd = make_private_round(model, torch.optim.SGD(model.parameters(), lr=0.01), data,
-                             batch_size=BATCH, noise_multiplier=1.0, max_grad_norm=1.0,
+                             batch_size=batch, noise_multiplier=1.0, max_grad_norm=1.0,
                              mode=mode, noise_fn=noise)
 
     def step() -> None:
@@ -146,22 +148,26 @@ def _private_step(name: str, mode: ClippingMode, channels_last: bool, device: to
     return step
 
 
-def _candidates(name: str, device: torch.device) -> dict[str, dict[str, Callable[[], None]]]:
+def _candidates(name: str, device: torch.device,
+                batch: int = BATCH) -> dict[str, dict[str, Callable[[], None]]]:
     """Mode -> {variant: step function}, to take the fastest variant of."""
     images = len(DEFAULT_SPECS[name].shape) == 3
     layouts = {"nchw": False, "channels_last": True} if images else {"nchw": False}
-    nonprivate = {k: _nonprivate_step(name, cl, device) for k, cl in layouts.items()}
+    nonprivate = {k: _nonprivate_step(name, cl, device, batch=batch) for k, cl in layouts.items()}
     if images and device.type == "cpu":
-        nonprivate["channels_last+gn_nchw"] = _nonprivate_step(name, True, device, gn_nchw=True)
+        nonprivate["channels_last+gn_nchw"] = _nonprivate_step(name, True, device, gn_nchw=True,
+                                                               batch=batch)
     last = list(layouts)[-1]
     return {
         "nonprivate": nonprivate,
-        "opacus_hooks": {"nchw": _private_step(name, ClippingMode.HOOKS, False, device)},
-        "opacus_ghost": {"nchw": _private_step(name, ClippingMode.GHOST, False, device)},
-        "privfed": {k: _private_step(name, ClippingMode.PRIVFED, cl, device)
+        "opacus_hooks": {"nchw": _private_step(name, ClippingMode.HOOKS, False, device,
+                                               batch=batch)},
+        "opacus_ghost": {"nchw": _private_step(name, ClippingMode.GHOST, False, device,
+                                               batch=batch)},
+        "privfed": {k: _private_step(name, ClippingMode.PRIVFED, cl, device, batch=batch)
                     for k, cl in layouts.items()},
         "privfed_csprng": {last: _private_step(name, ClippingMode.PRIVFED, layouts[last],
-                                               device, csprng=True)},
+                                               device, csprng=True, batch=batch)},
     }
 
 
@@ -206,10 +212,10 @@ def _measure(steps: dict[str, dict[str, Callable[[], None]]], rounds: int, inner
 
 
 def run_one(name: str, threads: int, rounds: int, inner: int,
-            device: torch.device = CPU) -> dict[str, float | str]:
+            device: torch.device = CPU, batch: int = BATCH) -> dict[str, float | str]:
     """Median ms/step per mode and paired ratios over non-private (model, thread count)."""
     torch.set_num_threads(threads)
-    ms, ratios, best = _measure(_candidates(name, device), rounds, inner,
+    ms, ratios, best = _measure(_candidates(name, device, batch), rounds, inner,
                                 _clock(threads, device))
     res = {f"{m}_ms": round(v, 3) for m, v in ms.items()}
     for mode in ("privfed", "privfed_csprng", "opacus_hooks", "opacus_ghost"):
@@ -246,11 +252,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="fewer rounds (smoke run)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="where the steps run (cuda: needs a CUDA device)")
+    parser.add_argument("--batch", type=int, default=BATCH,
+                        help=f"batch size (default {BATCH}, the headline's)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")
+    if args.batch < 1:
+        parser.error(f"--batch must be >= 1, got {args.batch}")
     gpu = device.type == "cuda"
     rounds, inner = (3, 2) if args.quick else (15, 20 if gpu else 4)
     all_threads = os.cpu_count() or 1
@@ -259,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in MODELS:
         for threads in thread_counts:
             key = f"{name}/cuda" if gpu else f"{name}/threads={threads}"
-            results[key] = run_one(name, threads, rounds, inner, device)
+            results[key] = run_one(name, threads, rounds, inner, device, args.batch)
             if not args.json:
                 print(key, json.dumps(results[key]))
     params = sum(p.numel() for p in get_model("cnn2d").parameters())
@@ -268,11 +278,12 @@ def main(argv: list[str] | None = None) -> dict:
     where = (f"{torch.cuda.get_device_name()} (wall time)" if gpu
              else "1 thread (thread CPU time)")
     summary = {
-        "benchmark": "dpsgd", "batch": BATCH, "device": args.device,
+        "benchmark": "dpsgd", "batch": args.batch, "device": args.device,
         "privfed_ratio": head["privfed_ratio"],
         "opacus_hooks_ratio": head["opacus_hooks_ratio"],
         "opacus_ghost_ratio": head["opacus_ghost_ratio"],
-        "headline": f"cnn2d (28x28), batch 64, {where}; noise torch.normal in every mode",
+        "headline": f"cnn2d (28x28), batch {args.batch}, {where}; noise torch.normal in "
+                    "every mode",
         "results": results,
         "noise": noise,
     }
