@@ -2,14 +2,16 @@
 
 Ghost norms are a poor fit for convolutions at small-image sizes (Gram matrices over
 all output positions), so the per-sample weight gradients are materialised, in
-one of two ways; :func:`use_im2col` picks one by shape (a cost model measured on CPU here):
+one of two ways; :func:`use_im2col` picks one by shape and device (cost models measured on
+this project's CPU and on an H100):
 
 * many input channels, or few output positions: one *grouped* convolution weight
   gradient with the batch folded into the channel dimension (``groups = B * groups``),
   which runs on oneDNN's convolution kernels instead of small batched GEMMs;
 * a single input channel and many positions (first layers on images): im2col through a
   strided *view* of the zero-padded input (no ``F.unfold``) and one batched matmul, in
-  chunks of samples so the column buffer stays in cache.
+  chunks of samples so the column buffer stays in cache (on CUDA, where each launch costs
+  more than the cache saves, in as few chunks as :data:`CUDA_IM2COL_BYTES` allows).
 
 Both give ``sum_p g[i, o, p] * x_pad[i, c, p * stride + k * dilation]`` exactly (up to
 float rounding order), and the per-sample bias gradients ``sum_p g[i, o, p]`` from the same
@@ -35,6 +37,12 @@ IM2COL_MIN_POSITIONS = 64
 #: (bounds the temporaries). Within a DP step one call is fastest: for the 16->32 5x5 layer
 #: at 14x14, batch 64, 1 thread, chunks of 9/17/35/64 samples cost 4.3/4.2/4.0/3.6 ms.
 GROUPED_CHUNK_BYTES = 8 << 20
+#: CUDA: largest im2col column buffer (bytes) per chunk.
+CUDA_IM2COL_BYTES = 256 << 20
+#: CUDA: im2col from this batch size, for layers with at least this many column entries per
+#: sample ((C_in * kernel + 1) * positions); below either, one grouped cuDNN call is faster.
+CUDA_IM2COL_MIN_BATCH = 256
+CUDA_IM2COL_MIN_ENTRIES = 512
 
 
 def conv_per_sample_grads(
@@ -67,20 +75,33 @@ def conv_per_sample_grads(
     b = x.shape[0]
     if b == 0:
         return x.new_zeros((0, *weight_shape)), (x.new_zeros((0, g.shape[1])) if bias else None)
-    if use_im2col(weight_shape, groups, g.shape[2:]):
+    if use_im2col(weight_shape, groups, g.shape[2:], batch=b, device_type=x.device.type):
         return _im2col_grads(x, g, weight_shape, stride, padding, dilation, bias, workspace)
     return _grouped_grads(x, g, weight_shape, stride, padding, dilation, groups, bias,
                           workspace)
 
 
-def use_im2col(weight_shape: Sequence[int], groups: int, out_spatial: Sequence[int]) -> bool:
-    """Cost model: im2col + batched matmul only for one input channel and many positions.
+def use_im2col(weight_shape: Sequence[int], groups: int, out_spatial: Sequence[int], *,
+               batch: int = 0, device_type: str = "cpu") -> bool:
+    """Cost model: im2col + batched matmul, or one grouped convolution weight gradient.
 
-    Measured (batch 64, 1 thread): the 28x28 1->16 5x5 layer costs 1.3 ms by im2col vs
-    2.7 ms grouped; the length-19 1->25 1-D layer 0.25 ms vs 0.10 ms; every
-    multi-channel layer is faster grouped (16->32 5x5 at 14x14: 3 ms vs 5-15 ms).
+    CPU (batch 64, 1 thread): im2col only for one input channel and many positions. The
+    28x28 1->16 5x5 layer costs 1.3 ms by im2col vs 2.7 ms grouped; the length-19 1->25 1-D
+    layer 0.25 ms vs 0.10 ms; every multi-channel layer is faster grouped (16->32 5x5 at
+    14x14: 3 ms vs 5-15 ms).
+
+    CUDA (H100, float32; unchunked im2col vs grouped): at batch 64 grouped wins every layer
+    measured (one cuDNN call against four launches: 1->16 5x5 at 28x28 0.08 vs 0.15 ms,
+    16->32 5x5 at 14x14 0.12 vs 0.15); at batch 1024 im2col wins by 2-5x (0.15 vs 0.71,
+    0.50 vs 1.57, 16->16 3x3 at 28x28 0.76 vs 2.30) except for a 1->32 5-tap 1-D layer with
+    19 positions (0.21 vs 0.12; 114 column entries).
     """
-    return groups == 1 and weight_shape[1] == 1 and math.prod(out_spatial) >= IM2COL_MIN_POSITIONS
+    if groups != 1:
+        return False
+    if device_type == "cuda":
+        entries = (weight_shape[1] * math.prod(weight_shape[2:]) + 1) * math.prod(out_spatial)
+        return batch >= CUDA_IM2COL_MIN_BATCH and entries >= CUDA_IM2COL_MIN_ENTRIES
+    return weight_shape[1] == 1 and math.prod(out_spatial) >= IM2COL_MIN_POSITIONS
 
 
 def _channels_last_view(g: torch.Tensor) -> torch.Tensor | None:
@@ -118,8 +139,11 @@ def _im2col_grads(x, g, weight_shape, stride, padding, dilation, bias, ws):
     if g_pc is None:
         g_pc = g.reshape(b, c_out, p_len).transpose(1, 2)
     out = scratch(ws, "grads", (b, rows, c_out), x)
-    for s in range(0, b, IM2COL_CHUNK):
-        xs = xp[s : s + IM2COL_CHUNK]
+    chunk = IM2COL_CHUNK
+    if x.device.type == "cuda":
+        chunk = max(1, CUDA_IM2COL_BYTES // (rows * p_len * x.element_size()))
+    for s in range(0, b, chunk):
+        xs = xp[s : s + chunk]
         n, sp = xs.shape[0], xs.stride()[2:]
         size = (n, xs.shape[1], *kernel, *out_sp)
         strides = (xs.stride(0), xs.stride(1), *(sp[d] * dilation[d] for d in range(nd)),

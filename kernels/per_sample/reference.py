@@ -80,7 +80,7 @@ def reference_conv_per_sample_grads(
     conv = _CONV[len(weight_shape) - 2]
     grads = []
     for i in range(x.shape[0]):
-        w = torch.zeros(weight_shape, dtype=x.dtype, requires_grad=True)
+        w = torch.zeros(weight_shape, dtype=x.dtype, device=x.device, requires_grad=True)
         out = conv(x[i : i + 1], w, None, tuple(stride), tuple(padding), tuple(dilation), groups)
         (gw,) = torch.autograd.grad(out, w, g[i : i + 1])
         grads.append(gw)
@@ -98,8 +98,8 @@ def reference_group_norm_per_sample_grads(
     c = x.shape[1]
     gws, gbs = [], []
     for i in range(x.shape[0]):
-        w = torch.ones(c, dtype=x.dtype, requires_grad=True)
-        b = torch.zeros(c, dtype=x.dtype, requires_grad=True)
+        w = torch.ones(c, dtype=x.dtype, device=x.device, requires_grad=True)
+        b = torch.zeros(c, dtype=x.dtype, device=x.device, requires_grad=True)
         out = F.group_norm(x[i : i + 1], num_groups, w, b, eps)
         gw, gb = torch.autograd.grad(out, (w, b), g[i : i + 1])
         gws.append(gw)

@@ -126,6 +126,31 @@ def test_conv_cost_model_picks_im2col_only_for_single_channel_images():
     assert not use_im2col((4, 1, 3, 3), 4, (28, 28))
 
 
+def test_conv_cost_model_on_cuda_takes_im2col_for_large_batches_only():
+    for shape, sp in (((16, 1, 5, 5), (28, 28)), ((32, 16, 5, 5), (14, 14)), ((32, 32, 3), (10,))):
+        assert not use_im2col(shape, 1, sp, batch=64, device_type="cuda")
+        assert use_im2col(shape, 1, sp, batch=1024, device_type="cuda")
+    assert not use_im2col((32, 1, 5), 1, (19,), batch=1024, device_type="cuda")  # 114 entries
+    assert not use_im2col((4, 1, 3, 3), 4, (28, 28), batch=1024, device_type="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("batch", [64, 300])
+def test_conv_per_sample_grads_on_cuda_both_paths_equal_the_reference(batch, monkeypatch):
+    """float64 (no TF32): the chosen path at both batch sizes, and im2col in several chunks."""
+    dev, kw = torch.device("cuda"), {"stride": [1, 1], "padding": [2, 2], "dilation": [1, 1],
+                                     "groups": 1}
+    for w_shape in ((16, 1, 5, 5), (8, 4, 5, 5)):
+        x = torch.randn(batch, w_shape[1], 12, 12, dtype=DT, device=dev)
+        g = torch.randn(batch, w_shape[0], 12, 12, dtype=DT, device=dev)
+        ref = reference_conv_per_sample_grads(x, g, w_shape, **kw)
+        for limit in (conv_module.CUDA_IM2COL_BYTES, 1 << 20):  # one chunk, then several
+            monkeypatch.setattr(conv_module, "CUDA_IM2COL_BYTES", limit)
+            gw, gb = conv_per_sample_grads(x, g, w_shape, bias=True, **kw)
+            _close(gw, ref[0])
+            _close(gb, g.sum((2, 3)))
+
+
 def test_conv_empty_batch():
     x, g = torch.zeros(0, 2, 5, 5), torch.zeros(0, 3, 5, 5)
     gw, gb = conv_per_sample_grads(x, g, (3, 2, 3, 3), stride=[1, 1], padding=[1, 1],
