@@ -31,7 +31,16 @@ from client.privacy import train_privately
 from client.secagg_mod import secagg_mod
 from shared.config import DropoutStage, RunConfig
 from shared.models import InputSpec, get_model
-from shared.training import Batches, evaluate, make_optimizer, seed_torch, train
+from shared.training import (
+    DEVICE_KEY,
+    Batches,
+    evaluate,
+    make_optimizer,
+    model_device,
+    resolve_device,
+    seed_torch,
+    train,
+)
 from shared.wire import (
     ARRAYS,
     CONFIG,
@@ -65,20 +74,36 @@ def _reusable_model(name: str, spec: InputSpec) -> torch.nn.Module:
 
 
 def _model_for(
-    config: RunConfig, data: SiteData, msg: Message, *, reuse: bool = False
+    config: RunConfig, data: SiteData, msg: Message, *, reuse: bool = False,
+    device: torch.device | None = None,
 ) -> torch.nn.Module:
-    """The global model of ``msg``: a fresh module, or with ``reuse`` this process's one
-    module of that architecture, every parameter and buffer overwritten (a simulation's
-    worker runs many sites' calls; building the module cost more than its 7 SGD steps'
-    worth of overhead). DP-SGD always gets a fresh module: Opacus attaches hooks to it.
+    """The global model of ``msg`` on ``device`` (default CPU): a fresh module, or with
+    ``reuse`` this process's one module of that architecture, every parameter and buffer
+    overwritten (a simulation's worker runs many sites' calls; building the module cost
+    more than its 7 SGD steps' worth of overhead). DP-SGD always gets a fresh module:
+    Opacus attaches hooks to it.
     """
     if reuse:
         model = _reusable_model(config.model.name, data.spec)
         model.zero_grad(set_to_none=True)
     else:
         model = get_model(config.model.name, data.spec)
+    target = device or torch.device("cpu")
+    if model_device(model) != target:
+        model.to(target)  # in place: a reused module stays there for the next call
     load_into(model, msg.content[ARRAYS])  # type: ignore[arg-type]
     return model
+
+
+def site_device(context: Context) -> torch.device:
+    """Where this site trains: node config ``device`` (``cpu``, ``cuda``, ``cuda:N`` or
+    ``auto``; a deployed site's ``site.device``), CPU when absent (simulated sites).
+
+    Raises:
+        ValueError: naming the key, for an unknown name or a GPU torch cannot see.
+    """
+    return resolve_device(context.node_config.get(DEVICE_KEY, "cpu"),
+                          key=f"node config {DEVICE_KEY}")
 
 
 def warm_up(config: RunConfig) -> None:
@@ -126,7 +151,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     server_round = _round_of(msg)
     if _drops_out(config, server_round, data.site_id):
         raise SimulatedDropout(f"site {data.site_id} dropped out of round {server_round}")
-    model = _model_for(config, data, msg, reuse=not config.privacy.enabled)
+    model = _model_for(config, data, msg, reuse=not config.privacy.enabled,
+                       device=site_device(context))
     seed = _training_seed(config.federation.seed, server_round, data.site_id)
     seed_torch(seed)
     site = ConfigRecord({SITE_NAME: _site_name(context), SITE_ROUND: server_round})
@@ -161,7 +187,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this site's validation hold-out."""
     config = RunConfig.from_flat(context.run_config, complete=True)
     data = site_data(config, context.node_config)
-    model = _model_for(config, data, msg, reuse=True)
+    model = _model_for(config, data, msg, reuse=True, device=site_device(context))
     result = evaluate(model, data.val)
     metrics = MetricRecord(
         {"eval_loss": result.loss, "eval_accuracy": result.accuracy, NUM_EXAMPLES: len(data.val)}

@@ -34,6 +34,7 @@ from client.data import DATA_PATH
 from client.ledger import NODE_CONFIG_KEYS
 from shared.config import AccountantName
 from shared.process import STOP_GRACE, SignalForwarder, die_with_parent, relay, tool_env
+from shared.training import DEVICE_KEY, resolve_device
 from shared.wire import SITE_NAME_KEY
 
 SITE_TOML = "site.toml"
@@ -66,6 +67,7 @@ class SiteConfig:
     delta: float
     accountant: AccountantName
     ledger_dir: Path
+    device: str = "auto"
 
 
 def _get(table: Mapping[str, Any], dotted: str, kind: type | tuple[type, ...]) -> Any:
@@ -135,6 +137,7 @@ def parse_site_config(table: Mapping[str, Any], base: Path) -> SiteConfig:
     port = _get(table, "site.runtime_port", int) if has_port else 9094
     if not 1 <= port <= 65535:
         raise SiteConfigError(f"site.toml: site.runtime_port must be in 1..65535, got {port}")
+    device = _device(table)
     return SiteConfig(
         name=_get(table, "site.name", str),
         superlink=check_address("site.toml: site.superlink", _get(table, "site.superlink", str)),
@@ -145,7 +148,18 @@ def parse_site_config(table: Mapping[str, Any], base: Path) -> SiteConfig:
         delta=delta,
         accountant=accountant,
         ledger_dir=(base / Path(_get(table, "ledger.dir", str)).expanduser()).resolve(),
+        device=device,
     )
+
+
+def _device(table: Mapping[str, Any]) -> str:
+    """``site.device`` (default ``auto``), checked against what torch sees on this machine."""
+    raw = _get(table, "site.device", str) if "device" in table.get("site", {}) else "auto"
+    try:
+        resolve_device(raw, key="site.toml: site.device")
+    except ValueError as err:
+        raise SiteConfigError(str(err)) from None
+    return raw.strip().lower()
 
 
 def load_site_config(kit: Path) -> SiteConfig:
@@ -161,9 +175,11 @@ def load_site_config(kit: Path) -> SiteConfig:
 
 
 def node_config(cfg: SiteConfig) -> dict[str, str | float]:
-    """The SuperNode's node config: name, data file, ledger folder and budget (the site's own)."""
+    """The SuperNode's node config: name, data file, ledger folder, budget (the site's own)
+    and the device it trains on."""
     keys = NODE_CONFIG_KEYS
     return {
+        DEVICE_KEY: cfg.device,
         SITE_NAME_KEY: cfg.name,
         DATA_PATH: str(cfg.data_path),
         keys["site_dir"]: str(cfg.ledger_dir),

@@ -190,6 +190,7 @@ def site_toml_template(site: str, server_address: str) -> str:
 name = "{site}"
 superlink = "{server_address}"   # the aggregation server, host:port
 runtime_port = 9094              # local port of this SuperNode's ClientApp API (127.0.0.1)
+device = "auto"                  # where to train: auto (a GPU if torch sees one), cpu, cuda, cuda:N
 
 [data]
 path = "/path/to/{site}.npz"     # this site's data file; it never leaves this machine

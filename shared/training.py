@@ -8,6 +8,7 @@ change the loop.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -18,6 +19,41 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from shared.config import Optimizer, TrainConfig
 from shared.data import ArrayDataset
+
+#: Node-config key naming where a site trains and evaluates (see :func:`resolve_device`).
+DEVICE_KEY = "device"
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def resolve_device(raw: object, *, key: str = DEVICE_KEY) -> torch.device:
+    """Where a site computes: ``cpu``, ``cuda`` or ``cuda:N`` (a GPU torch must see), or
+    ``auto`` (the first GPU if torch sees one, else the CPU).
+
+    Raises:
+        ValueError: one line naming ``key``: an unknown name, or a GPU torch cannot see
+            (a CPU build of torch, no driver, or no such index).
+    """
+    text = str(raw).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not _DEVICE.fullmatch(text):
+        raise ValueError(f"{key}: unknown device {raw!r}; expected cpu, cuda, cuda:N or auto")
+    device = torch.device(text)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{key}: {raw!r} asked for, but torch sees no CUDA device "
+                             f"(torch {torch.__version__}; a CPU build, or no driver)")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{key}: {raw!r} asked for, but torch sees {count} CUDA "
+                             f"device(s) (0..{count - 1})")
+    return device
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (CPU for a model without any)."""
+    first = next(model.parameters(), None)
+    return torch.device("cpu") if first is None else first.device
 
 
 @dataclass(frozen=True)
@@ -146,17 +182,23 @@ def train(
     sampling must take its (noise-only) step on an empty batch too, or the skip
     itself would reveal that no example was sampled. Returns NaN when no batch
     had examples. Torch's plain SGD steps through :func:`_plain_sgd_step` (the same
-    weights, bit for bit).
+    weights, bit for bit). Batches go to the model's device; on a GPU the losses stay
+    there until the end (no host sync per step).
     """
     model.train()
     criterion = criterion if criterion is not None else nn.functional.cross_entropy
     losses: list[float] = []
+    device_losses: list[torch.Tensor] = []
+    device = model_device(model)
+    on_cpu = device.type == "cpu"
     step = _plain_sgd_step(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for _ in range(epochs):
         for x, y in loader:
             if len(y) == 0 and not step_on_empty:
                 continue
+            if not on_cpu:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if step is None:
                 optimizer.zero_grad(set_to_none=True)
             else:  # what zero_grad(set_to_none=True) does, without its profiling hook
@@ -169,7 +211,12 @@ def train(
             else:
                 step()
             if len(y):
-                losses.append(loss.item())
+                if on_cpu:
+                    losses.append(loss.item())
+                else:
+                    device_losses.append(loss.detach())
+    if device_losses:
+        losses = torch.stack(device_losses).double().cpu().tolist()
     return float(np.mean(losses)) if losses else float("nan")
 
 
@@ -181,9 +228,10 @@ def evaluate(model: nn.Module, data: ArrayDataset, batch_size: int = 1024) -> Ev
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     total_loss, correct = 0.0, 0
+    device = model_device(model)
     for start in range(0, len(data), batch_size):
-        x = torch.from_numpy(data.x[start : start + batch_size])
-        y = torch.from_numpy(data.y[start : start + batch_size])
+        x = torch.from_numpy(data.x[start : start + batch_size]).to(device)
+        y = torch.from_numpy(data.y[start : start + batch_size]).to(device)
         logits = model(x)
         total_loss += float(criterion(logits, y))
         correct += int((logits.argmax(dim=1) == y).sum())

@@ -4,6 +4,7 @@ import tomllib
 
 import numpy as np
 import pytest
+import torch
 from flwr.common.config import parse_config_args
 
 from client.site import (
@@ -57,6 +58,8 @@ def _edit(kit, old, new):
         ("epsilon = 8.0", 'epsilon = "eight"', "privacy.epsilon"),
         ('accountant = "rdp"', 'accountant = "gdp"', "privacy.accountant"),
         ('superlink = "fl.example.org:9092"', 'superlink = "fl.example.org"', "site.superlink"),
+        ('device = "auto"', 'device = "gpu"', "site.device"),
+        ('device = "auto"', "device = 1", "site.device"),
     ],
 )
 def test_a_bad_site_toml_gives_one_line_naming_the_key(kit, old, new, key):
@@ -65,6 +68,15 @@ def test_a_bad_site_toml_gives_one_line_naming_the_key(kit, old, new, key):
         load_site_config(kit)
     message = str(err.value)
     assert key in message and "\n" not in message
+
+
+def test_site_device_asking_for_a_gpu_torch_cannot_see_is_refused_by_key(kit, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _edit(kit, 'device = "auto"', 'device = "cuda"')
+    with pytest.raises(SiteConfigError, match=r"site\.device: 'cuda' asked for, but torch sees no"):
+        load_site_config(kit)
+    _edit(kit, 'device = "cuda"', 'device = "CPU"')
+    assert load_site_config(kit).device == "cpu"
 
 
 def test_cli_reports_a_bad_site_toml_in_one_line_before_starting_anything(kit):
@@ -95,7 +107,7 @@ def test_supernode_command_line(kit):
     parsed = parse_config_args([cmd[cmd.index("--node-config") + 1]])
     assert parsed == {"site-name": "a", "data-path": str(cfg.data_path),
                       "site-dir": str(kit.resolve() / "ledger"), "privacy-epsilon": 8.0,
-                      "privacy-delta": 1e-5, "privacy-accountant": "rdp"}
+                      "privacy-delta": 1e-5, "privacy-accountant": "rdp", "device": "auto"}
     assert "--insecure" not in cmd
     insecure = supernode_command(kit, cfg, superlink="10.1.1.1:1", insecure=True)
     assert "--insecure" in insecure and "--root-certificates" not in insecure
