@@ -3,18 +3,22 @@
 ``y = x_hat * w + b`` per channel, so the per-sample gradients are ``sum_s x_hat * g``
 and ``sum_s g`` over spatial positions: ``(B, C)`` each, cheap to hold.
 
-Three ways to get ``sum_s x_hat * g``, in order of preference:
+Four ways to get ``sum_s x_hat * g``, in order of preference:
 
 * from the forward's saved statistics (``stats``: mean and 1/std per sample and group) and
   a contiguous (NCHW) input: one ``native_group_norm_backward`` call with the batch folded
   into the channels (``N = 1``, ``C' = B * C``; its ``B * G`` groups normalise exactly as
   the ``B`` samples did), whose "summed" affine gradients are then the per-sample ones: one
   fused pass over ``x`` and ``g``, no temporary, no division by ``w``;
+* from the saved statistics and an input of another layout (channels-last):
+  ``(sum_s x * g - mean * sum_s g) * rstd``, PyTorch's own formula for the weight gradient
+  (``GammaBackward`` in its CPU kernel) per sample instead of summed over the batch: one
+  product pass and two reductions, no host synchronisation, no division by ``w``;
 * from the layer *output* ``y``: ``(sum_s y * g - b * sum_s g) / w``: one fused pass and no
   re-normalisation (group norm is slow in channels-last on CPU). Used only when every
   ``|w_c| > 0`` and ``|b_c| / |w_c| <= OUTPUT_PATH_MAX_RATIO``, where the rounding error
   stays within a small factor of the direct path, and when it pays (channels-last or at
-  least ``OUTPUT_PATH_MIN_NUMEL`` elements);
+  least ``OUTPUT_PATH_MIN_NUMEL`` elements); the check reads one value back to the host;
 * otherwise by recomputing ``x_hat = group_norm(x)`` (always exact to rounding).
 
 :func:`group_norm_fused_backward` is the first way with the input gradient asked for too:
@@ -81,7 +85,9 @@ def group_norm_per_sample_grads(
         weight, bias: the layer's affine parameters (only read for the output path).
         workspace: reused scratch for the elementwise product (no fresh buffer per call).
         stats: the forward's ``(mean, rstd)``, each ``(B, num_groups)``, computed from this
-            very ``x`` with this ``eps`` (autograd saves them); enables the folded path.
+            very ``x`` with this ``eps`` (autograd saves them); enables the folded path
+            (contiguous ``x``) or the stats path (other layouts), either of which is taken
+            whenever the stats fit.
 
     Returns:
         ``(B, C)`` weight and ``(B, C)`` bias gradients; empty for ``B = 0``.
@@ -90,8 +96,10 @@ def group_norm_per_sample_grads(
     if x.shape[0] == 0:
         z = x.new_zeros((0, x.shape[1]))
         return z, z.clone()
-    if stats is not None and x.is_contiguous() and _stats_fit(stats, x, num_groups):
-        return _folded_grads(x, g, num_groups, stats)
+    if stats is not None and _stats_fit(stats, x, num_groups):
+        if x.is_contiguous():
+            return _folded_grads(x, g, num_groups, stats)
+        return _stats_grads(x, g, num_groups, stats, workspace)
     gb = g.sum(dims) if dims else g
     if y is not None and _output_path_pays(x) and _output_path_ok(weight, bias):
         yg = torch.mul(y, g, out=scratch_like(workspace, "prod", y)).sum(dims) if dims else y * g
@@ -105,6 +113,23 @@ def group_norm_per_sample_grads(
 def _stats_fit(stats: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, groups: int) -> bool:
     shape = (x.shape[0], groups)
     return all(t.shape == shape and t.dtype == x.dtype and t.device == x.device for t in stats)
+
+
+def _stats_grads(x: torch.Tensor, g: torch.Tensor, groups: int,
+                 stats: tuple[torch.Tensor, torch.Tensor],
+                 ws: Workspace | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample affine grads of ``x`` in any layout from the saved ``(mean, rstd)``:
+    ``((sum_s x g) - mean (sum_s g)) * rstd`` per sample and channel (PyTorch's formula)."""
+    b, c = x.shape[:2]
+    dims = tuple(range(2, x.dim()))
+    if dims:
+        ds = torch.mul(x, g, out=scratch_like(ws, "prod", x)).sum(dims)
+        db = g.sum(dims)
+    else:
+        ds, db = x * g, g
+    mean, rstd = (t.reshape(b, groups, 1) for t in stats)
+    gw = (ds.reshape(b, groups, c // groups) - db.reshape(b, groups, c // groups) * mean)
+    return gw.mul_(rstd).view(b, c), db
 
 
 def _folded_grads(x: torch.Tensor, g: torch.Tensor, groups: int,
