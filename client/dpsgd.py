@@ -170,13 +170,30 @@ def torch_noise_fn(generator: torch.Generator | None = None) -> NoiseFn:
     return noise
 
 
+def _tiled_base(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The 1-D contiguous tensor whose whole length ``tensors`` tile, in order, as contiguous
+    views (the per-step gradient buffer of :class:`~kernels.per_sample.BookKeepingClipper`),
+    else ``None``. An elementwise op on it is then that op on every tensor, in one kernel."""
+    base = tensors[0]._base if tensors else None
+    if base is None or base.dim() != 1 or not base.is_contiguous():
+        return None
+    end = base.storage_offset()
+    for t in tensors:
+        if t._base is not base or t.storage_offset() != end or not t.is_contiguous():
+            return None
+        end += t.numel()
+    return base if end == base.storage_offset() + base.numel() else None
+
+
 class _InjectedNoise:
     """Mixin for Opacus optimizers: draw the Gaussian noise from ``self.noise_fn``.
 
     One call per step for all parameters (one flat draw, split per parameter); the std is
     Opacus' ``noise_multiplier * max_grad_norm``; std 0 adds nothing. ``p.grad`` becomes a
     new tensor (a view of that step's fresh draw, the sum added in place; ``summed_grad`` is
-    left as it was), as in Opacus.
+    left as it was), as in Opacus. When the summed grads are views tiling one flat buffer
+    (the book-keeping engine writes them so), the sum is added and the grads scaled with one
+    op each instead of one per parameter: the same values.
     """
 
     noise_fn: NoiseFn
@@ -191,9 +208,14 @@ class _InjectedNoise:
         sizes = [g.numel() for g in summed]
         if std > 0 and sum(sizes):
             flat = self.noise_fn((sum(sizes),), std, params[0].device)
-            noisy = [n.view_as(g) if n.dtype == g.dtype else n.view_as(g).to(g.dtype)
-                     for n, g in zip(flat.split(sizes), summed, strict=True)]
-            torch._foreach_add_(noisy, summed)  # in place: the grads are views of the draw
+            base = _tiled_base(summed)
+            if base is not None:
+                flat = (flat if flat.dtype == base.dtype else flat.to(base.dtype)).add_(base)
+                noisy = [n.view(g.shape) for n, g in zip(flat.split(sizes), summed, strict=True)]
+            else:
+                noisy = [n.view_as(g) if n.dtype == g.dtype else n.view_as(g).to(g.dtype)
+                         for n, g in zip(flat.split(sizes), summed, strict=True)]
+                torch._foreach_add_(noisy, summed)  # in place: the grads are views of the draw
         else:
             noisy = [g.clone() for g in summed]
         for p, g in zip(params, noisy, strict=True):
@@ -201,10 +223,16 @@ class _InjectedNoise:
             _mark_as_processed(p.summed_grad)
 
     def scale_grad(self) -> None:
-        """Divide by the expected batch size (``loss_reduction="mean"``), one fused call."""
+        """Divide by the expected batch size (``loss_reduction="mean"``): one op on the flat
+        noise draw when the grads tile it, else one fused call."""
         if self.loss_reduction == "mean":
             grads = [p.grad for p in self.params]
-            torch._foreach_div_(grads, self.expected_batch_size * self.accumulated_iterations)
+            divisor = self.expected_batch_size * self.accumulated_iterations
+            base = _tiled_base(grads)
+            if base is not None:
+                base.div_(divisor)
+            else:
+                torch._foreach_div_(grads, divisor)
 
 
 class _NoisyFastOptimizer(_InjectedNoise, DPOptimizerFastGradientClipping):
@@ -212,7 +240,8 @@ class _NoisyFastOptimizer(_InjectedNoise, DPOptimizerFastGradientClipping):
 
     ``accumulate`` takes over ``p.grad`` as ``summed_grad`` instead of deep-copying it (and
     clears ``p.grad``, so ``zero_grad(set_to_none=False)`` cannot zero the sum of a skipped
-    step); later backward passes before a step add into it, as in Opacus.
+    step); later backward passes before a step add into it, as in Opacus. The very tensor is
+    taken (detached only if it has autograd history), so views of one flat buffer stay views.
     """
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -224,10 +253,11 @@ class _NoisyFastOptimizer(_InjectedNoise, DPOptimizerFastGradientClipping):
         for p in self.params:
             if p.grad is None:
                 raise RuntimeError("a trainable parameter got no gradient before step()")
+            g = p.grad.detach() if p.grad.requires_grad else p.grad
             if p.summed_grad is None:
-                p.summed_grad = p.grad.detach()
+                p.summed_grad = g
             else:
-                p.summed_grad.add_(p.grad.detach())
+                p.summed_grad.add_(g)
             p.grad = None
 
 

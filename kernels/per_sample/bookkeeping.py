@@ -10,15 +10,23 @@
   and the per-sample grads (the layer's own autograd node is dropped unused). Such a
   layer runs on a contiguous copy of a channels-last input (its output is handed back in
   the caller's layout; its input gradient comes back contiguous);
-* backward: each tap turns ``(input, grad_output)`` into squared per-sample norms
+* backward: each tap turns ``(input, grad_output)`` into the layer's per-sample state
   (see :mod:`kernels.per_sample.layers`), and a callback queued on the autograd engine
-  runs once the whole backward pass is done: it forms Opacus' clip factors
-  ``c_i = min(1, C / (||grad_i|| + 1e-6))`` over *all* parameters and writes
-  ``p.grad += sum_i c_i * grad_i`` for every trainable parameter of the model.
+  runs once the whole backward pass is done: the rules write per-sample norms as rows of
+  one ``(rows, B)`` buffer, one reduction over it gives the norms over *all* parameters,
+  then Opacus' clip factors ``c_i = min(1, C / (||grad_i|| + 1e-6))``, and the rules write
+  ``sum_i c_i * grad_i`` into one fresh flat buffer per step whose views become
+  ``p.grad`` (or are added to an existing ``p.grad``).
 
 Performance: each layer keeps a :class:`~kernels.per_sample.workspace.Workspace` of scratch
 buffers across steps, and construction calls :func:`~kernels.per_sample.workspace.warm_heap`
-once per process (no effect on results; see that module for why both matter on CPU).
+once per process (no effect on results; see that module for why both matter on CPU). The
+per-step work outside the layers' kernels is a fixed, small number of torch ops (one norm
+buffer, one reduction, the clip factors, one gradient buffer): on CPU every op costs
+microseconds of dispatch, more when big kernels have just evicted the caches. The
+``p.grad`` views of one flat buffer also let the optimizer add noise and scale with one op
+each (:mod:`client.dpsgd`). Nothing is read back to the host (a GroupNorm without saved
+statistics aside: see :mod:`kernels.per_sample.group_norm`).
 
 Guarantees, for a loss that is a sum (``"sum"``) or mean (``"mean"``) over the batch of
 per-sample losses: every sample contributes at most ``max_grad_norm`` (L2, over all
@@ -28,7 +36,8 @@ batch writes zeros. Parameters of layers that did not run, or got no gradient, g
 so every trainable parameter has a ``.grad`` after backward. A model containing a layer
 type with trainable parameters outside :data:`~kernels.per_sample.layers.RULES` is
 refused at attach time (:class:`UnsupportedLayerError`), as is a layer run twice in one
-forward (shared parameters): both would otherwise be silently wrong.
+forward (shared parameters) or on another batch size than the first layer: these would
+otherwise be silently wrong.
 """
 
 from __future__ import annotations
@@ -57,29 +66,31 @@ class PerSampleUsageError(ValueError):
     """The model was driven in a way the engine cannot clip exactly (e.g. a layer ran twice)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Layer:
     name: str
     module: nn.Module
     rule: type
     names: tuple[str, ...]
-    saved: dict[str, nn.Parameter] = field(default_factory=dict)
+    # Its rows of the step's norm buffer, and its parameters' positions in
+    # BookKeepingClipper.params: one per trainable parameter, in the same order.
+    index: slice | None = None
+    saved: list[tuple[str, nn.Parameter]] = field(default_factory=list)
     ws: Workspace = field(default_factory=Workspace)  # scratch reused across steps
     relaid: torch.Tensor | None = None  # the caller's input, if the layer ran on a copy
 
 
-@dataclass
+@dataclass(eq=False, slots=True)
 class _Entry:
     layer: _Layer
     x: torch.Tensor | None
     out: torch.Tensor | None = None
     out_version: int = -1
     stats: Any = None
-    sq: torch.Tensor | None = None
-    state: Any = None
+    state: Any = None  # the rule's state once the layer's gradient arrived
 
 
-@dataclass
+@dataclass(eq=False, slots=True)
 class _Record:
     entries: dict[str, _Entry] = field(default_factory=dict)
     batch_size: int | None = None
@@ -164,6 +175,19 @@ def _trainable_layers(model: nn.Module) -> list[_Layer]:
     return layers
 
 
+def _fresh_grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """Uninitialised tensors shaped like ``params``: views of one flat buffer when they share
+    a dtype and device (one allocation; the optimizer can then treat them as one tensor)."""
+    if not params:
+        return []
+    dtype, device = params[0].dtype, params[0].device
+    if any(p.dtype != dtype or p.device != device for p in params):
+        return [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in params]
+    flat = torch.empty(sum(p.numel() for p in params), dtype=dtype, device=device)
+    return [v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in params]), params,
+                                            strict=True)]
+
+
 class BookKeepingClipper:
     """Per-sample clipping hooks on a plain module (see the module docstring).
 
@@ -172,6 +196,9 @@ class BookKeepingClipper:
         max_grad_norm: per-sample L2 bound ``C`` (> 0, finite).
         loss_reduction: ``MEAN`` if the loss is averaged over the batch (grad_outputs are
             then scaled by the batch size, as Opacus does), ``SUM`` if summed.
+
+    Attributes:
+        per_sample_norms, clip_factors: ``(B,)`` of the last finished backward pass.
 
     Raises:
         UnsupportedLayerError: a trainable layer type or configuration is not supported.
@@ -186,6 +213,11 @@ class BookKeepingClipper:
         self.max_grad_norm = float(max_grad_norm)
         self.loss_reduction = LossReduction(loss_reduction)
         self.layers = _trainable_layers(model)
+        rows = 0
+        for layer in self.layers:
+            layer.index = slice(rows, rows + len(layer.names))
+            rows += len(layer.names)
+        self._rows = rows
         warm_heap()  # performance only: see kernels.per_sample.workspace
         self.per_sample_norms: torch.Tensor | None = None
         self.clip_factors: torch.Tensor | None = None
@@ -196,6 +228,12 @@ class BookKeepingClipper:
                 partial(self._swap_in, layer)))
             self._handles.append(layer.module.register_forward_hook(
                 partial(self._capture, layer), always_call=True))
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """The trainable parameters whose ``.grad`` the engine writes, in model order (read
+        from the layers each time: a parameter replaced after attaching is the one used)."""
+        return [layer.module._parameters[n] for layer in self.layers for n in layer.names]
 
     @property
     def attached(self) -> bool:
@@ -221,10 +259,11 @@ class BookKeepingClipper:
     def _swap_in(self, layer: _Layer, module, args):
         if not torch.is_grad_enabled():
             return None
+        params = module._parameters
         for n in layer.names:
-            p = module._parameters[n]
-            layer.saved[n] = p
-            module._parameters[n] = p.detach()
+            p = params[n]
+            layer.saved.append((n, p))
+            params[n] = p.detach()
         x = args[0] if args else None
         if (layer.rule.fuses_backward and isinstance(x, torch.Tensor) and x.requires_grad
                 and not x.is_contiguous() and layer.rule.relayout_pays(x)):
@@ -234,9 +273,11 @@ class BookKeepingClipper:
             return (_Contiguous.apply(x), *args[1:])
         return None
 
-    def _restore(self, layer: _Layer) -> None:
-        for n, p in layer.saved.items():
-            layer.module._parameters[n] = p
+    @staticmethod
+    def _restore(layer: _Layer) -> None:
+        params = layer.module._parameters
+        for n, p in layer.saved:
+            params[n] = p
         layer.saved.clear()
 
     def _capture(self, layer: _Layer, module, args, output):
@@ -244,20 +285,26 @@ class BookKeepingClipper:
         self._restore(layer)
         if not swapped:
             return None
-        record = self._record if self._record is not None else _Record()
-        self._record = record
+        record = self._record
+        if record is None:
+            record = self._record = _Record()
         if layer.name in record.entries:
             raise PerSampleUsageError(
                 f"layer {layer.name!r} ran twice in one forward pass (shared parameters); "
                 "book-keeping clipping needs one call per layer per step"
             )
         x = args[0].detach()
-        entry = _Entry(layer, x)
-        record.entries[layer.name] = entry
-        record.batch_size = x.shape[0] if record.batch_size is None else record.batch_size
-        if (layer.rule.fuses_backward and args[0].requires_grad and x.shape[0] > 0
-                and x.is_contiguous()):
-            entry.stats = layer.rule.saved_stats(output)
+        if record.batch_size is None:
+            record.batch_size = x.shape[0]
+        elif x.shape[0] != record.batch_size:
+            raise PerSampleUsageError(
+                f"layer {layer.name!r} got a batch of {x.shape[0]}, the first layer one of "
+                f"{record.batch_size}; book-keeping clipping needs the batch first everywhere"
+            )
+        entry = record.entries[layer.name] = _Entry(layer, x)
+        rule = layer.rule
+        if rule.fuses_backward and args[0].requires_grad and x.shape[0] > 0 and x.is_contiguous():
+            entry.stats = rule.saved_stats(output)
             if entry.stats is not None:
                 return self._fuse(entry, record, output, relaid if relaid is not None else args[0])
         result = None
@@ -268,9 +315,9 @@ class BookKeepingClipper:
             output.register_hook(callback)
         else:
             result = output = _Attach.apply(output, module._parameters[layer.names[0]], callback)
-        if layer.rule.keeps_output:  # after _Attach: it bumps the version counter
+        if rule.keeps_output:  # after _Attach: it bumps the version counter
             entry.out, entry.out_version = output.detach(), output._version
-            entry.stats = layer.rule.saved_stats(output)
+            entry.stats = rule.saved_stats(output)
         return result
 
     def _fuse(self, entry: _Entry, record: _Record, output: torch.Tensor,
@@ -296,59 +343,63 @@ class BookKeepingClipper:
             torch.autograd.Variable._execution_engine.queue_callback(
                 partial(self._finalize, record))
 
+    def _norm_dtype(self) -> torch.dtype:
+        """The parameters' widest float dtype, at least float32 (half-precision per-sample
+        grads are normed in float32)."""
+        dtype = torch.float32
+        for layer in self.layers:
+            for n in layer.names:
+                t = layer.module._parameters[n].dtype
+                if t != dtype:
+                    dtype = torch.promote_types(dtype, t)
+        return dtype
+
     def _on_fused_grad(self, record: _Record, entry: _Entry,
                        grad: torch.Tensor) -> torch.Tensor:
         self._start(record)
         layer = entry.layer
-        dx, entry.sq, entry.state = layer.rule.fused_backward(layer.module, entry.x, grad,
-                                                              entry.stats, layer.ws)
+        dx, entry.state = layer.rule.fused_backward(layer.module, entry.x, grad, entry.stats,
+                                                    layer.names, layer.ws)
         entry.x = entry.stats = None
         return dx
 
     def _on_grad(self, record: _Record, entry: _Entry, grad: torch.Tensor) -> None:
         self._start(record)
         layer = entry.layer
-        if entry.out is None:
-            entry.sq, entry.state = layer.rule.norms(layer.module, entry.x, grad, layer.ws)
+        if not layer.rule.keeps_output:
+            entry.state = layer.rule.collect(layer.module, entry.x, grad, layer.names, layer.ws)
         else:  # the output may have been modified in place since: then do not use it
-            out = entry.out if entry.out._version == entry.out_version else None
-            entry.sq, entry.state = layer.rule.norms(layer.module, entry.x, grad, layer.ws,
-                                                     y=out, stats=entry.stats)
+            y = entry.out if entry.out._version == entry.out_version else None
+            entry.state = layer.rule.collect(layer.module, entry.x, grad, layer.names,
+                                             layer.ws, y=y, stats=entry.stats)
         entry.x = entry.out = entry.stats = None
 
     def _finalize(self, record: _Record) -> None:
         record.done = True
         b = record.batch_size or 0
         scale = float(b) if self.loss_reduction is LossReduction.MEAN else 1.0
-        sq = [e.sq for e in record.entries.values() if e.sq is not None]
-        if not sq:
-            total = next(iter(self.model.parameters())).new_zeros(b)
-        else:
-            total = sq[0] if len(sq) == 1 else torch.stack(sq).sum(0)
-        norms = total.sqrt_() if scale == 1.0 else total.sqrt_().mul_(scale)
+        params = self.params
+        ran = [(layer, e) for layer in self.layers
+               if (e := record.entries.get(layer.name)) is not None and e.state is not None]
+        rows = torch.zeros((max(self._rows, 1), b), dtype=self._norm_dtype(),
+                           device=params[0].device if params else None)
+        for layer, e in ran:
+            layer.rule.norms(layer.module, e.state, layer.names, rows[layer.index])
+        norms = torch.linalg.vector_norm(rows, dim=0)
+        if scale != 1.0:
+            norms.mul_(scale)
         coef = clip_factors_from_norms(norms, self.max_grad_norm)
         self.per_sample_norms, self.clip_factors = norms, coef
         weights = coef if scale == 1.0 else coef * scale
-        for layer in self.layers:
-            entry = record.entries.get(layer.name)
-            sums = (layer.rule.sums(layer.module, entry.state, weights)
-                    if entry is not None and entry.sq is not None else {})
-            self._write(layer, sums)
-
-    @staticmethod
-    def _write(layer: _Layer, sums: dict[str, torch.Tensor]) -> None:
-        """``p.grad = sum`` (fresh tensors from the rules), or ``p.grad += sum`` in place."""
-        params = layer.module._parameters
-        for n in layer.names:
-            p = params[n]
-            g = sums.get(n)
-            if g is None:
-                g = torch.zeros_like(p)
-            else:
-                if g.dtype != p.dtype:
-                    g = g.to(p.dtype)
-                if g.shape != p.shape:
-                    g = g.view_as(p)
+        grads = _fresh_grads(params)
+        if len(ran) < len(self.layers):  # layers without a gradient get zeros
+            for g in grads:
+                g.zero_()
+        for layer, e in ran:
+            layer.rule.sums(layer.module, e.state, weights,
+                            dict(zip(layer.names, grads[layer.index], strict=True)))
+            e.state = None
+        for p, g in zip(params, grads, strict=True):
             if p.grad is None:
                 p.grad = g
             else:

@@ -1,4 +1,8 @@
-"""Clip factors and weighted per-sample sums shared by every layer type."""
+"""Clip factors, per-sample norms and weighted per-sample sums shared by every layer type.
+
+The ``*_into`` helpers write into a caller's tensor (a row of the engine's norm buffer, a
+view of a step's flat gradient buffer): one kernel each, no temporary.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +39,21 @@ def per_sample_sq_norms(per_sample: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(per_sample, dim=1).square_()
 
 
+def norms_into(out: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
+    """``out[i] = ||per_sample[i]||`` (L2 over all but the first dimension); returns ``out``.
+
+    One reduction written in place (any strides; no reshape copy). ``out`` may be wider than
+    the input (the norm is then computed in ``out``'s dtype); a narrower ``out`` gets the
+    norm cast down. A sample with no entries has norm 0.
+    """
+    dims = tuple(range(1, per_sample.dim()))
+    if per_sample.dtype == out.dtype:
+        return torch.linalg.vector_norm(per_sample, dim=dims, out=out)
+    if torch.promote_types(per_sample.dtype, out.dtype) == out.dtype:
+        return torch.linalg.vector_norm(per_sample, dim=dims, dtype=out.dtype, out=out)
+    return out.copy_(torch.linalg.vector_norm(per_sample, dim=dims))
+
+
 def weighted_sum(per_sample: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """``sum_i coef_i * per_sample[i]`` (one GEMV, a fresh tensor); zeros for an empty batch."""
     b = per_sample.shape[0]
@@ -45,3 +64,27 @@ def weighted_sum(per_sample: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     if per_sample.dim() == 2:
         return coef @ per_sample
     return (coef @ per_sample.reshape(b, -1)).view(per_sample.shape[1:])
+
+
+def weighted_sum_into(out: torch.Tensor, per_sample: torch.Tensor,
+                      coef: torch.Tensor) -> torch.Tensor:
+    """``out = sum_i coef_i * per_sample[i]`` (one GEMV written into ``out``); returns ``out``.
+
+    ``out`` has the shape of one sample's slice; zeros for an empty batch (the GEMV of an
+    empty sum). Exactly :func:`weighted_sum`, without the fresh tensor.
+    """
+    b = per_sample.shape[0]
+    mat = per_sample.reshape(b, math.prod(per_sample.shape[1:]))
+    if coef.dtype != mat.dtype:
+        coef = coef.to(mat.dtype)
+    if out.dtype == mat.dtype and out.is_contiguous():
+        torch.mm(coef.view(1, b), mat, out=out.view(1, mat.shape[1]))
+        return out
+    return out.copy_((coef @ mat).view(out.shape))
+
+
+def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``out = a @ b`` written into ``out`` (one GEMM; a copy only if dtypes or layout differ)."""
+    if out.dtype == a.dtype == b.dtype and out.is_contiguous():
+        return torch.mm(a, b, out=out)
+    return out.copy_(a @ b)

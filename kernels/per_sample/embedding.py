@@ -52,9 +52,14 @@ def embedding_clipped_sum(
     num_embeddings: int,
     *,
     padding_idx: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``sum_i coef_i * dW_i`` for an Embedding, as a dense ``(V, D)`` tensor."""
+    """``sum_i coef_i * dW_i`` for an Embedding, as a dense ``(V, D)`` tensor (written into
+    ``out``, which is zeroed first, if given; else a fresh tensor)."""
     idx2, g3 = _rows(idx, g, padding_idx)
-    scaled = (g3 * coef.reshape(-1, 1, 1)).reshape(-1, g3.shape[-1])
-    out = g3.new_zeros((num_embeddings, g3.shape[-1]))
-    return out.index_add_(0, idx2.reshape(-1), scaled)
+    scaled = (g3 * coef.to(g3.dtype).reshape(-1, 1, 1)).reshape(-1, g3.shape[-1])
+    if out is None:
+        out = g3.new_zeros((num_embeddings, g3.shape[-1]))
+    else:
+        out.zero_()
+    return out.index_add_(0, idx2.reshape(-1), scaled.to(out.dtype))

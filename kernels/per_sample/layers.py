@@ -1,11 +1,22 @@
 """Per-layer-type rules of the book-keeping engine: what to check, keep and sum.
 
 Each rule turns one layer call (its input ``x`` and the gradient ``g`` w.r.t. its output)
-into squared per-sample norms of the layer's trainable parameters plus a small
-``state`` from which :meth:`sums` later forms ``sum_i coef_i * grad_i`` per parameter.
-Only parameters that require grad are counted (a frozen weight contributes nothing).
-``norms`` takes the layer's :class:`~kernels.per_sample.workspace.Workspace` (``ws``) for
-scratch that lives across steps; ``state`` may point into it until the step's ``sums``.
+into a ``state`` (:meth:`collect`, or :meth:`fused_backward` which also returns the input
+gradient) from which, once the backward pass is done, :meth:`norms` gives the per-sample
+norms of the layer's trainable parameters and :meth:`sums` ``sum_i coef_i * grad_i`` per
+parameter. The engine passes ``names`` (the layer's trainable parameters, fixed when it
+attached) and has the rule write into its own buffers:
+
+* ``norms`` fills ``out``, ``(len(names), B)`` rows of the step's norm buffer (zeros on
+  entry), so that ``||grad_i||^2 = sum_r out[r, i]^2`` over the layer's rows (a rule may use
+  fewer rows than names; the rest stay zero);
+* ``sums`` writes ``sum_i coef_i * grad_i`` into ``out[name]`` for every name, views of the
+  step's flat gradient buffer shaped like the parameters.
+
+Only the heavy per-sample work runs in the backward pass (in ``collect``, while ``g`` is
+fresh); the small norm ops all run together after it. ``collect`` takes the layer's
+:class:`~kernels.per_sample.workspace.Workspace` (``ws``) for scratch that lives across
+steps; ``state`` may point into it until the step's ``sums``.
 """
 
 from __future__ import annotations
@@ -15,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .clip import per_sample_sq_norms, weighted_sum
+from .clip import mm_into, norms_into, per_sample_sq_norms, weighted_sum_into
 from .conv import conv_per_sample_grads
 from .embedding import embedding_clipped_sum, embedding_sq_norms
 from .group_norm import (
@@ -23,7 +34,7 @@ from .group_norm import (
     group_norm_per_sample_grads,
     group_norm_relayout_pays,
 )
-from .linear import linear_clipped_sum, linear_sq_norms
+from .linear import linear_sq_norms
 from .workspace import Workspace
 
 
@@ -31,35 +42,34 @@ class UnsupportedLayerError(ValueError):
     """A layer with trainable parameters that the book-keeping engine cannot clip exactly."""
 
 
-Sums = dict[str, torch.Tensor]
+Names = tuple[str, ...]
+Outs = dict[str, torch.Tensor]
 
 
-def _trainable(module: nn.Module, name: str) -> bool:
-    p = module._parameters.get(name)
-    return p is not None and p.requires_grad
+class _Materialised:
+    """Rules whose state is the per-sample grads themselves, one ``(B, ...)`` per name."""
 
+    @staticmethod
+    def norms(module: nn.Module, state: tuple[torch.Tensor, ...], names: Names,
+              out: torch.Tensor) -> None:
+        for i, t in enumerate(state):
+            norms_into(out[i], t)
 
-def _per_sample_rule_sums(state: tuple[torch.Tensor | None, ...], names, coef) -> Sums:
-    """Weighted sums of materialised per-sample grads ``(weight, bias)``."""
-    return {n: weighted_sum(t, coef) for n, t in zip(names, state, strict=True) if t is not None}
-
-
-def _sq_of(state: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
-    sq = None
-    for t in state:
-        if t is not None:
-            sq = per_sample_sq_norms(t) if sq is None else sq.add_(per_sample_sq_norms(t))
-    return sq
+    @staticmethod
+    def sums(module: nn.Module, state: tuple[torch.Tensor, ...], coef: torch.Tensor,
+             out: Outs) -> None:
+        for t, dst in zip(state, out.values(), strict=True):
+            weighted_sum_into(dst, t, coef)
 
 
 class _Rule:
     """Defaults: any configuration is supported; the layer output is not kept."""
 
-    #: Ask the engine to keep the (unmodified) layer output for :meth:`norms` (``y=``), and
+    #: Ask the engine to keep the (unmodified) layer output for :meth:`collect` (``y=``), and
     #: what :meth:`saved_stats` finds in its autograd node (``stats=``).
     keeps_output = False
     #: The rule can take over the layer's backward (:meth:`fused_backward`) of a contiguous
-    #: input: the input gradient and the per-sample norms from one computation. Needs
+    #: input: the input gradient and the per-sample grads from one computation. Needs
     #: :meth:`saved_stats`; :meth:`relayout_pays` says when to run on a contiguous copy.
     fuses_backward = False
 
@@ -70,7 +80,7 @@ class _Rule:
 
     @staticmethod
     def saved_stats(output: torch.Tensor) -> Any:
-        """Tensors the layer's forward saved for its backward that :meth:`norms` can reuse."""
+        """Tensors the layer's forward saved for its backward that :meth:`collect` can reuse."""
         return None
 
     @staticmethod
@@ -82,28 +92,43 @@ class LinearRule(_Rule):
     """``nn.Linear``: exact ``||a|| ||g||`` norms (ghost norm with a sequence dim)."""
 
     @staticmethod
-    def norms(module: nn.Linear, x: torch.Tensor, g: torch.Tensor,
-              ws: Workspace | None = None) -> tuple[torch.Tensor, Any]:
+    def collect(module: nn.Linear, x: torch.Tensor, g: torch.Tensor, names: Names,
+                ws: Workspace | None = None) -> Any:
         if x.dim() < 2:
             raise ValueError(f"Linear input needs a batch dimension, got shape {tuple(x.shape)}")
-        w_on, b_on = _trainable(module, "weight"), _trainable(module, "bias")
-        if w_on:
-            sq = linear_sq_norms(x, g, bias=b_on)
-        else:
-            sq = per_sample_sq_norms(g.sum(dim=tuple(range(1, g.dim() - 1))) if g.dim() > 2 else g)
-        return sq, (x, g)
+        return x, g
 
     @staticmethod
-    def sums(module: nn.Linear, state: Any, coef: torch.Tensor) -> Sums:
+    def norms(module: nn.Linear, state: Any, names: Names, out: torch.Tensor) -> None:
         x, g = state
-        gw, gb = linear_clipped_sum(x, g, coef, bias=True)
-        out = {"weight": gw} if _trainable(module, "weight") else {}
-        if _trainable(module, "bias"):
-            out["bias"] = gb
-        return out
+        w_on, b_on = "weight" in names, "bias" in names
+        if x.dim() == 2:  # ||dW_i|| = ||a_i|| ||g_i||, ||db_i|| = ||g_i||: three reductions
+            g_norm = torch.linalg.vector_norm(g, dim=1) if not b_on else norms_into(
+                out[names.index("bias")], g)
+            if w_on:
+                torch.mul(torch.linalg.vector_norm(x, dim=1), g_norm,
+                          out=out[names.index("weight")])
+        elif w_on:
+            torch.sqrt(linear_sq_norms(x, g, bias=b_on), out=out[0])
+        else:
+            torch.sqrt(per_sample_sq_norms(g.sum(dim=tuple(range(1, g.dim() - 1)))), out=out[0])
+
+    @staticmethod
+    def sums(module: nn.Linear, state: Any, coef: torch.Tensor, out: Outs) -> None:
+        """``(c * G)^T A`` and ``sum(c * G)``: the GEMM the non-private backward runs."""
+        x, g = state
+        gc = g * coef.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
+        g2 = gc.reshape(-1, gc.shape[-1])
+        if "weight" in out:
+            mm_into(out["weight"], g2.t(), x.reshape(-1, x.shape[-1]))
+        if "bias" in out:
+            if out["bias"].dtype == g2.dtype:
+                torch.sum(g2, 0, out=out["bias"])
+            else:
+                out["bias"].copy_(g2.sum(0))
 
 
-class ConvRule(_Rule):
+class ConvRule(_Materialised, _Rule):
     """``nn.Conv1d`` / ``nn.Conv2d`` with zero padding: materialised per-sample grads."""
 
     @staticmethod
@@ -124,27 +149,25 @@ class ConvRule(_Rule):
         return torch.nn.functional.pad(x, pads), [0] * len(total)
 
     @staticmethod
-    def norms(module, x: torch.Tensor, g: torch.Tensor,
-              ws: Workspace | None = None) -> tuple[torch.Tensor, Any]:
+    def collect(module, x: torch.Tensor, g: torch.Tensor, names: Names,
+                ws: Workspace | None = None) -> Any:
         x, padding = ConvRule._explicit_padding(module, x)
-        w_on, b_on = _trainable(module, "weight"), _trainable(module, "bias")
-        gw, gb = conv_per_sample_grads(
-            x, g, module.weight.shape, stride=module.stride, padding=padding,
-            dilation=module.dilation, groups=module.groups, bias=b_on, workspace=ws,
-        ) if w_on else (None, g.sum(dim=tuple(range(2, g.dim()))))
-        state = (gw, gb)
-        return _sq_of(state), state
-
-    @staticmethod
-    def sums(module, state: Any, coef: torch.Tensor) -> Sums:
-        return _per_sample_rule_sums(state, ("weight", "bias"), coef)
+        b_on = "bias" in names
+        if "weight" in names:
+            gw, gb = conv_per_sample_grads(
+                x, g, module.weight.shape, stride=module.stride, padding=padding,
+                dilation=module.dilation, groups=module.groups, bias=b_on, workspace=ws,
+            )
+        else:
+            gw, gb = None, g.sum(dim=tuple(range(2, g.dim())))
+        return tuple({"weight": gw, "bias": gb}[n] for n in names)
 
 
-class GroupNormRule(_Rule):
+class GroupNormRule(_Materialised, _Rule):
     """``nn.GroupNorm`` (affine): per-sample grads are ``(B, C)``, cheap to hold."""
 
-    #: The saved statistics enable the folded path (contiguous input), the (unmodified)
-    #: output the output path (channels-last input).
+    #: The saved statistics enable the folded path (contiguous input) and the stats path
+    #: (other layouts); the (unmodified) output the output path, if there are none.
     keeps_output = True
     fuses_backward = True
 
@@ -163,29 +186,21 @@ class GroupNormRule(_Rule):
 
     @staticmethod
     def fused_backward(module: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor, stats,
-                       ws: Workspace | None = None):
-        """``(dx, sq, state)``: the layer's input gradient and its per-sample norms and
-        grads from one folded ``native_group_norm_backward`` call."""
+                       names: Names, ws: Workspace | None = None):
+        """``(dx, state)``: the layer's input gradient and its per-sample grads from one
+        folded ``native_group_norm_backward`` call."""
         dx, gw, gb = group_norm_fused_backward(x, g, module.num_groups, stats, module.weight,
                                                workspace=ws)
-        state = (gw if _trainable(module, "weight") else None,
-                 gb if _trainable(module, "bias") else None)
-        return dx, _sq_of(state), state
+        return dx, tuple({"weight": gw, "bias": gb}[n] for n in names)
 
     @staticmethod
-    def norms(module: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor,
-              ws: Workspace | None = None, y: torch.Tensor | None = None,
-              stats: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def collect(module: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor, names: Names,
+                ws: Workspace | None = None, y: torch.Tensor | None = None,
+                stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> Any:
         gw, gb = group_norm_per_sample_grads(x, g, module.num_groups, module.eps, y=y,
                                              weight=module.weight, bias=module.bias,
                                              workspace=ws, stats=stats)
-        state = (gw if _trainable(module, "weight") else None,
-                 gb if _trainable(module, "bias") else None)
-        return _sq_of(state), state
-
-    @staticmethod
-    def sums(module, state: Any, coef: torch.Tensor) -> Sums:
-        return _per_sample_rule_sums(state, ("weight", "bias"), coef)
+        return tuple({"weight": gw, "bias": gb}[n] for n in names)
 
 
 class EmbeddingRule(_Rule):
@@ -199,16 +214,20 @@ class EmbeddingRule(_Rule):
             raise UnsupportedLayerError(f"Embedding with {', '.join(bad)} is not supported")
 
     @staticmethod
-    def norms(module: nn.Embedding, x: torch.Tensor, g: torch.Tensor,
-              ws: Workspace | None = None):
-        return embedding_sq_norms(x, g, padding_idx=module.padding_idx), (x, g)
+    def collect(module: nn.Embedding, x: torch.Tensor, g: torch.Tensor, names: Names,
+                ws: Workspace | None = None) -> Any:
+        return x, g
 
     @staticmethod
-    def sums(module: nn.Embedding, state: Any, coef: torch.Tensor) -> Sums:
+    def norms(module: nn.Embedding, state: Any, names: Names, out: torch.Tensor) -> None:
         x, g = state
-        w = embedding_clipped_sum(x, g, coef, module.num_embeddings,
-                                  padding_idx=module.padding_idx)
-        return {"weight": w}
+        torch.sqrt(embedding_sq_norms(x, g, padding_idx=module.padding_idx), out=out[0])
+
+    @staticmethod
+    def sums(module: nn.Embedding, state: Any, coef: torch.Tensor, out: Outs) -> None:
+        x, g = state
+        embedding_clipped_sum(x, g, coef, module.num_embeddings,
+                              padding_idx=module.padding_idx, out=out["weight"])
 
 
 #: Layer types the engine clips exactly (exact type match: subclasses may change forward).
