@@ -211,7 +211,8 @@ class _InjectedNoise:
             base = _tiled_base(summed)
             if base is not None:
                 flat = (flat if flat.dtype == base.dtype else flat.to(base.dtype)).add_(base)
-                noisy = [n.view(g.shape) for n, g in zip(flat.split(sizes), summed, strict=True)]
+                noisy = [n.view(g.shape)
+                         for n, g in zip(flat.split_with_sizes(sizes), summed, strict=True)]
             else:
                 noisy = [n.view_as(g) if n.dtype == g.dtype else n.view_as(g).to(g.dtype)
                          for n, g in zip(flat.split(sizes), summed, strict=True)]

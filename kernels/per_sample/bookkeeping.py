@@ -183,9 +183,9 @@ def _fresh_grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
     dtype, device = params[0].dtype, params[0].device
     if any(p.dtype != dtype or p.device != device for p in params):
         return [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in params]
-    flat = torch.empty(sum(p.numel() for p in params), dtype=dtype, device=device)
-    return [v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in params]), params,
-                                            strict=True)]
+    sizes = [p.numel() for p in params]
+    flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+    return [v.view(p.shape) for v, p in zip(flat.split_with_sizes(sizes), params, strict=True)]
 
 
 class BookKeepingClipper:

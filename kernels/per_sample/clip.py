@@ -24,8 +24,9 @@ def clip_factors(sq_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
 
 
 def clip_factors_from_norms(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    """:func:`clip_factors` from the norms themselves: ``min(1, C / (norm + 1e-6))``."""
-    return (max_grad_norm / (norms + CLIP_EPS)).clamp_(max=1.0)
+    """:func:`clip_factors` from the norms themselves: ``min(1, C / (norm + 1e-6))``, computed
+    as Opacus' ``C / t`` is (``t.reciprocal() * C``), in place on one fresh tensor."""
+    return (norms + CLIP_EPS).reciprocal_().mul_(max_grad_norm).clamp_(max=1.0)
 
 
 def per_sample_sq_norms(per_sample: torch.Tensor) -> torch.Tensor:

@@ -218,3 +218,17 @@ def test_into_helpers_equal_plain_torch(b, dtype, out_dtype):
     a, m = torch.randn(3, b, dtype=dtype), torch.randn(b, 4, dtype=dtype)
     mm_into(out, a, m)
     torch.testing.assert_close(out.double(), a.double() @ m.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, DT])
+def test_clip_factors_are_bitwise_opacus_formula(dtype):
+    """In-place ``reciprocal_().mul_(C)`` is what Opacus' ``C / (norm + 1e-6)`` computes."""
+    from kernels.per_sample.clip import clip_factors_from_norms
+
+    norms = torch.rand(4096, generator=torch.Generator().manual_seed(0), dtype=dtype) * 3
+    norms[:4] = torch.tensor([0.0, float("inf"), float("nan"), 1e-30], dtype=dtype)
+    for c in (1.0, 0.3, 2.7):
+        got = clip_factors_from_norms(norms, c)
+        ref = (c / (norms + 1e-6)).clamp(max=1.0)
+        assert torch.equal(got[3:], ref[3:]) and got[:2].tolist() == [1.0, 0.0]
+        assert got[2].isnan()
