@@ -8,7 +8,8 @@ splits its input over two threads, against the same one-thread Flower arm.
 
 With a CUDA device, ``gpu`` holds the Triton kernels' throughput on 64 MiB tensors, each
 counted as bytes read plus bytes written, next to a device-to-device copy measured in the
-same run (``*_vs_copy`` = kernel GB/s / copy GB/s; CUDA events, medians).
+same run (``*_vs_copy`` = kernel GB/s / copy GB/s; CUDA events, medians of the arms timed
+in alternation after a second of warm-up at full load).
 """
 
 import os
@@ -16,6 +17,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
+import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -137,20 +139,25 @@ def bytes_per_param(n: int) -> dict[str, float]:
             "flower_bytes_per_param": flower_masked.itemsize}
 
 
-def _cuda_seconds(fn, repeat: int) -> float:
-    """Median seconds of ``fn`` on the current CUDA stream (CUDA events, after warm-up)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
+def _cuda_paired(fns: dict[str, object], repeat: int, warm_s: float = 1.0) -> dict[str, float]:
+    """Median seconds of each function on the current CUDA stream (CUDA events), timed in
+    alternation after ``warm_s`` seconds of running them all: the GPU's clocks ramp up
+    under load, and a compute-bound kernel (ChaCha20) timed on a cold GPU reads slow."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < warm_s:
+        for fn in fns.values():
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return float(np.median(times))
+        for name, fn in fns.items():
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times[name].append(begin.elapsed_time(end) / 1e3)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def bench_gpu(n: int, repeat: int) -> dict[str, object]:
@@ -178,12 +185,13 @@ def bench_gpu(n: int, repeat: int) -> dict[str, object]:
         "accumulate_ring": (12, lambda: kernels.accumulate_ring(ring, other)),
         "gaussian_noise": (4, lambda: kernels.gaussian_noise(n, 1.0, nkey, device="cuda")),
     }
-    copy = _cuda_seconds(lambda: dst.copy_(x), repeat)
-    copy_gbps = 8 * n / copy / 1e9
+    seconds = _cuda_paired({"copy": lambda: dst.copy_(x)}
+                           | {name: fn for name, (_, fn) in arms.items()}, repeat)
+    copy_gbps = 8 * n / seconds["copy"] / 1e9
     figures: dict[str, object] = {"device": torch.cuda.get_device_name(), "elements": n,
                                   "copy_gbps": round(copy_gbps, 1)}
-    for name, (bytes_per, fn) in arms.items():
-        gbps = bytes_per * n / _cuda_seconds(fn, repeat) / 1e9
+    for name, (bytes_per, _) in arms.items():
+        gbps = bytes_per * n / seconds[name] / 1e9
         figures[f"{name}_gbps"] = round(gbps, 1)
         figures[f"{name}_vs_copy"] = round(gbps / copy_gbps, 3)
     return figures

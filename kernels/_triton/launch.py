@@ -24,7 +24,7 @@ from kernels._triton import _kernels
 
 # ChaCha20 blocks per program (64 blocks = 1024 keystream words) and warps per program.
 CHACHA_BLOCKS = 64
-CHACHA_WARPS = 1
+CHACHA_WARPS = 2
 ELEMENTWISE_BLOCK = 1024
 KEY_ROW_WORDS = 12
 # Gaussian noise: 8 key words, 3 nonce words, a spare word, -2 sigma**2 as a float64.
