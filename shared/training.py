@@ -182,13 +182,12 @@ def train(
     sampling must take its (noise-only) step on an empty batch too, or the skip
     itself would reveal that no example was sampled. Returns NaN when no batch
     had examples. Torch's plain SGD steps through :func:`_plain_sgd_step` (the same
-    weights, bit for bit). Batches go to the model's device; on a GPU the losses stay
-    there until the end (no host sync per step).
+    weights, bit for bit). Batches go to the model's device; the losses stay there until
+    the end (no host sync per step on a GPU).
     """
     model.train()
     criterion = criterion if criterion is not None else nn.functional.cross_entropy
-    losses: list[float] = []
-    device_losses: list[torch.Tensor] = []
+    losses: list[torch.Tensor] = []
     device = model_device(model)
     on_cpu = device.type == "cpu"
     step = _plain_sgd_step(optimizer)
@@ -211,13 +210,10 @@ def train(
             else:
                 step()
             if len(y):
-                if on_cpu:
-                    losses.append(loss.item())
-                else:
-                    device_losses.append(loss.detach())
-    if device_losses:
-        losses = torch.stack(device_losses).double().cpu().tolist()
-    return float(np.mean(losses)) if losses else float("nan")
+                losses.append(loss.detach())
+    if not losses:
+        return float("nan")
+    return float(np.mean(torch.stack(losses).double().cpu().numpy()))
 
 
 @torch.no_grad()

@@ -14,20 +14,28 @@ from kernels._triton._chacha import block_counters, chacha_block
 
 
 @triton.jit
+def _interleave8(v0, v1, v2, v3, v4, v5, v6, v7):
+    """Eight equal-length vectors as one, ``out[8 * b + i] = v_i[b]``.
+
+    Three levels of pairwise interleaving; at level ``l`` the pair partners differ in bit
+    ``2 - l`` of ``i``, so ``i = 4e + 2f + g`` lands at ``8b + i``.
+    """
+    a0, a1 = tl.interleave(v0, v4), tl.interleave(v1, v5)
+    a2, a3 = tl.interleave(v2, v6), tl.interleave(v3, v7)
+    return tl.interleave(tl.interleave(a0, a2), tl.interleave(a1, a3))
+
+
+@triton.jit
 def _interleave16(w):
     """The 16 word vectors ``w`` of ``BLOCK`` blocks as one vector of ``16 * BLOCK`` words,
-    block-major: ``out[16 * b + j] = w[j][b]``.
-
-    Four levels of pairwise interleaving; at level ``l`` the pair partners differ in bit
-    ``3 - l`` of ``j``, so the word index ``j = 8e + 4f + 2g + h`` lands at ``16b + j``.
-    """
-    a0, a1 = tl.interleave(w[0], w[8]), tl.interleave(w[1], w[9])
-    a2, a3 = tl.interleave(w[2], w[10]), tl.interleave(w[3], w[11])
-    a4, a5 = tl.interleave(w[4], w[12]), tl.interleave(w[5], w[13])
-    a6, a7 = tl.interleave(w[6], w[14]), tl.interleave(w[7], w[15])
-    b0, b1 = tl.interleave(a0, a4), tl.interleave(a1, a5)
-    b2, b3 = tl.interleave(a2, a6), tl.interleave(a3, a7)
-    return tl.interleave(tl.interleave(b0, b2), tl.interleave(b1, b3))
+    block-major: ``out[16 * b + j] = w[j][b]``. Pairing word ``k`` with word ``k + 8`` gives
+    vectors whose element ``2b + e`` is word ``k + 8e`` of block ``b``; interleaving those
+    eight puts word ``8e + k`` at ``16b + 8e + k``."""
+    return _interleave8(
+        tl.interleave(w[0], w[8]), tl.interleave(w[1], w[9]), tl.interleave(w[2], w[10]),
+        tl.interleave(w[3], w[11]), tl.interleave(w[4], w[12]), tl.interleave(w[5], w[13]),
+        tl.interleave(w[6], w[14]), tl.interleave(w[7], w[15]),
+    )
 
 
 @triton.jit
@@ -137,14 +145,11 @@ def gaussian_kernel(row_ptr, out_ptr, n, angle_scale, R: tl.constexpr):
     first = run * (3 * R // 16)
     wm = chacha_block(row_ptr, (first + tl.arange(0, R // 8)).to(tl.uint32))
     wt = chacha_block(row_ptr, (first + R // 8 + tl.arange(0, R // 16)).to(tl.uint32))
-    m0, m1 = _low63(wm[0], wm[1]), _low63(wm[2], wm[3])
-    m2, m3 = _low63(wm[4], wm[5]), _low63(wm[6], wm[7])
-    m4, m5 = _low63(wm[8], wm[9]), _low63(wm[10], wm[11])
-    m6, m7 = _low63(wm[12], wm[13]), _low63(wm[14], wm[15])
-    # big[8 * block + i] = m_i[block], by the interleaving argument of _interleave16
-    a0, a1 = tl.interleave(m0, m4), tl.interleave(m1, m5)
-    a2, a3 = tl.interleave(m2, m6), tl.interleave(m3, m7)
-    big = tl.interleave(tl.interleave(a0, a2), tl.interleave(a1, a3))
+    big = _interleave8(  # big[8 * block + i] = M of words 2i, 2i + 1 of that block
+        _low63(wm[0], wm[1]), _low63(wm[2], wm[3]), _low63(wm[4], wm[5]),
+        _low63(wm[6], wm[7]), _low63(wm[8], wm[9]), _low63(wm[10], wm[11]),
+        _low63(wm[12], wm[13]), _low63(wm[14], wm[15]),
+    )
     lo = tl.load(row_ptr + 12).to(tl.uint32, bitcast=True).to(tl.uint64)
     hi = tl.load(row_ptr + 13).to(tl.uint32, bitcast=True).to(tl.uint64)
     neg_two_var = ((hi << 32) | lo).to(tl.float64, bitcast=True)

@@ -46,11 +46,16 @@ def check_device(x: torch.Tensor, name: str) -> None:
     )
 
 
+def _key_words(key: bytes, nonce: bytes) -> np.ndarray:
+    """The 8 key words and 3 nonce words (little-endian int32) a kernel's key row starts with."""
+    return np.frombuffer(bytes(key) + bytes(nonce), dtype="<i4")
+
+
 def key_rows(keys: Sequence[tuple[bytes, bytes]], signs: Sequence[int], device) -> torch.Tensor:
     """[len(keys), 12] int32 rows: 8 key words, 3 nonce words, sign as 1 or -1."""
     rows = np.zeros((len(keys), KEY_ROW_WORDS), dtype=np.int32)
     for row, (key, nonce), sign in zip(rows, keys, signs, strict=True):
-        row[:11] = np.frombuffer(bytes(key) + bytes(nonce), dtype="<i4")
+        row[:11] = _key_words(key, nonce)
         row[11] = sign
     return torch.from_numpy(rows).to(device)
 
@@ -112,7 +117,7 @@ def gaussian(n: int, neg_two_var: float, key: bytes, nonce: bytes, run: int, ang
     check_device(out, "noise output")
     if n:
         row = np.zeros(GAUSS_ROW_WORDS, dtype=np.int32)
-        row[:11] = np.frombuffer(bytes(key) + bytes(nonce), dtype="<i4")
+        row[:11] = _key_words(key, nonce)
         row[12:14] = np.array([neg_two_var], dtype="<f8").view("<i4")
         runs = triton.cdiv(n, 2 * run)
         _kernels.gaussian_kernel[(runs,)](

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .clip import mm_into, norms_into, per_sample_sq_norms, weighted_sum_into
+from .clip import mm_into, norms_into, weighted_sum_into
 from .conv import conv_per_sample_grads
 from .embedding import embedding_clipped_sum, embedding_sq_norms
 from .group_norm import (
@@ -111,7 +111,7 @@ class LinearRule(_Rule):
         elif w_on:
             torch.sqrt(linear_sq_norms(x, g, bias=b_on), out=out[0])
         else:
-            torch.sqrt(per_sample_sq_norms(g.sum(dim=tuple(range(1, g.dim() - 1)))), out=out[0])
+            norms_into(out[0], g.sum(dim=tuple(range(1, g.dim() - 1))))
 
     @staticmethod
     def sums(module: nn.Linear, state: Any, coef: torch.Tensor, out: Outs) -> None:
