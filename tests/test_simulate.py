@@ -194,7 +194,11 @@ def test_sigkill_mid_run_then_resume_ends_with_the_uninterrupted_model(tmp_path)
 
     import torch
 
-    args = ["simulate", str(SMOKE), "--set", "federation.rounds=4", "--set", "data.samples=500"]
+    # Every site replies 0.5 s late (a sleep, the model is unchanged): a round lasts longer
+    # than the 50 ms poll below, so the kill lands in round 3 (smoke rounds alone take tens
+    # of ms: rounds 3 and 4 could finish between two polls).
+    args = ["simulate", str(SMOKE), "--set", "federation.rounds=4", "--set", "data.samples=500",
+            "--set", "faults.slow=1.0", "--set", "faults.slow_seconds=0.5"]
     clean = tmp_path / "clean"
     assert privfed(*args, "--out", str(clean)).returncode == 0
     crashed = tmp_path / "crashed"
